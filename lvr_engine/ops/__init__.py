@@ -1,0 +1,37 @@
+"""Fused ops of the latent step, one dispatch over backends (DESIGN.md §3).
+
+Every op takes ``backend=`` one of ``"torch"`` (reference), ``"cpu"`` (compiled C++), ``"triton"``,
+``"cuda"`` (compiled CUDA) or ``None`` (best available for the tensors' device:
+cuda -> triton -> torch on CUDA tensors, cpu -> torch on CPU tensors).
+This package imports nothing else from the project.
+"""
+from __future__ import annotations
+
+from . import reference
+from ._dispatch import available_backends, resolve_backend, get_impl
+
+__all__ = [
+    "image_attention_scores",
+    "select_and_feedback",
+    "chunk_attention_with_scores",
+    "available_backends",
+    "resolve_backend",
+    "reference",
+]
+
+
+def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None, backend=None):
+    """scores (B,I) float32 += sum over heads of softmax(scale * q.k)[image_slots]; see reference.py."""
+    return get_impl("image_attention_scores", backend, q)(q, k, seq_lens, image_slots, scores, scale, lse)
+
+
+def select_and_feedback(scores, available, image_embeds, hidden, k, out, backend=None):
+    """idx (B,k) ascending top-k among available; marks them used, fills out (B,k+1,D), zeroes scores."""
+    return get_impl("select_and_feedback", backend, scores)(scores, available, image_embeds, hidden, k, out)
+
+
+def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale, backend=None):
+    """out (B,C,H,D): causal attention of C new queries over each row's cache (+ last-query image scores)."""
+    return get_impl("chunk_attention_with_scores", backend, q)(
+        q, k_cache, v_cache, seq_lens, image_slots, scores, scale
+    )

@@ -1,0 +1,96 @@
+"""Plain-torch reference implementations of the fused ops (DESIGN.md §3).
+
+These define the semantics every other backend is tested against. They are written for
+clarity, not speed, and work for any floating dtype (float64 included, which the kernel
+tests use as ground truth).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _kv_head_of(num_heads: int, num_kv_heads: int, device) -> torch.Tensor:
+    """Index of the KV head that query head h reads (grouped-query attention, repeat_kv order)."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
+
+
+def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
+    """Add the last query's attention mass on each image slot, summed over heads, into ``scores``.
+
+    q (B,H,D) last query per row after rotary; k (B,Hkv,S,D) key cache after rotary, row b valid on
+    [0, seq_lens[b]); image_slots (B,I) int cache slot of each image token, -1 = pad;
+    scores (B,I) float32, updated in place: += sum_h softmax(scale * q_h . k)[slot].
+    lse (B,H) optional float32 log-sum-exp of scale*q.k over the row's valid keys (skips the normaliser).
+    """
+    B, H, D = q.shape
+    S = k.shape[2]
+    kh = _kv_head_of(H, k.shape[1], q.device)
+    logits = torch.einsum("bhd,bhsd->bhs", q.float(), k[:, kh].float()) * scale  # (B,H,S)
+    valid = torch.arange(S, device=q.device)[None, :] < seq_lens.to(q.device).long()[:, None]  # (B,S)
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.float()[..., None]).sum(dim=1)  # (B,S) summed over heads
+    slots = image_slots.long()
+    gathered = torch.gather(probs, 1, slots.clamp(min=0))
+    scores += torch.where(slots >= 0, gathered, torch.zeros_like(gathered)).to(scores.dtype)
+    return scores
+
+
+def topk_ascending(scores, available, k):
+    """(B,k) int64: indices of the k largest ``scores`` among ``available``, ascending; ties -> lower index."""
+    masked = scores.float().masked_fill(~available, float("-inf"))
+    # A stable descending sort keeps equal scores in index order, so the lower index wins ties.
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=-1).values
+
+
+def select_and_feedback(scores, available, image_embeds, hidden, k, out):
+    """Choose the next latent step's patches and build its input block.
+
+    scores (B,I) float32; available (B,I) bool; image_embeds (B,I,D); hidden (B,D); out (B,k+1,D).
+    Returns idx (B,k) int64, the ascending top-k of scores among available slots (lower index wins
+    ties). Side effects: available[b, idx] = False; out[:, :k] = image_embeds at idx; out[:, k] = hidden;
+    scores reset to 0.
+    """
+    B = scores.shape[0]
+    if k > 0:
+        idx = topk_ascending(scores, available, k)
+        available.scatter_(1, idx, False)
+        out[:, :k] = torch.gather(image_embeds, 1, idx[..., None].expand(-1, -1, image_embeds.shape[-1]))
+    else:
+        idx = torch.empty(B, 0, dtype=torch.long, device=scores.device)
+    out[:, k] = hidden
+    scores.zero_()
+    return idx
+
+
+def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale):
+    """Attention of a chunk of C new queries per row over that row's cache, plus the last query's image scores.
+
+    q (B,C,H,D) after rotary; k_cache, v_cache (B,Hkv,S,D), already holding the chunk's keys/values in
+    slots [seq_lens[b]-C, seq_lens[b]); query c of row b sits at slot seq_lens[b]-C+c and sees keys
+    [0, that slot] (causal inside the chunk). Returns out (B,C,H,D) in q's dtype.
+    If ``scores`` (B,I) float32 is given, += sum over heads of the last query's probabilities on
+    ``image_slots`` (B,I) (-1 = pad), exactly as :func:`image_attention_scores`.
+    """
+    B, C, H, D = q.shape
+    S = k_cache.shape[2]
+    kh = _kv_head_of(H, k_cache.shape[1], q.device)
+    kk = k_cache[:, kh].float()  # (B,H,S,D)
+    vv = v_cache[:, kh].float()
+    logits = torch.einsum("bchd,bhsd->bhcs", q.float(), kk) * scale  # (B,H,C,S)
+    lens = seq_lens.to(q.device).long()
+    qslot = lens[:, None] - C + torch.arange(C, device=q.device)[None, :]  # (B,C)
+    visible = torch.arange(S, device=q.device)[None, None, :] <= qslot[:, :, None]  # (B,C,S)
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bhcs,bhsd->bchd", probs, vv).to(q.dtype)
+    if scores is not None and image_slots is not None and image_slots.shape[1] > 0:
+        last = probs[:, :, -1, :].sum(dim=1)  # (B,S)
+        slots = image_slots.long()
+        gathered = torch.gather(last, 1, slots.clamp(min=0))
+        scores += torch.where(slots >= 0, gathered, torch.zeros_like(gathered)).to(scores.dtype)
+    return out
