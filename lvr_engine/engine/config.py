@@ -1,0 +1,123 @@
+"""LatentConfig: what a latent segment is (DESIGN.md §2-3), validated eagerly."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Token names looked up in a checkpoint's tokenizer when an id is given by name (or left None by a preset).
+COCONUT_TOKENS = {"start": "<|start-latent|>", "end": "<|end-latent|>", "latent": "<|latent|>"}
+MIRAGE_TOKENS = {"start": "<|latent_start|>", "end": "<|latent_end|>", "pad": "<|latent_pad|>"}
+
+TokenRef = int | str | None
+
+
+@dataclass
+class LatentConfig:
+    """How the engine runs the latent segment.
+
+    trigger="prompt" (IVT-LR, Coconut): after the prompt (+ ``start_marker_id``) run ``num_latent_steps``
+    steps; each appends the ``num_selected_patches`` highest-attention image embeddings and the last
+    hidden state; then ``end_marker_id`` and ordinary decoding.
+    trigger="token" (Mirage): decode normally; after a row emits ``latent_start_id`` it feeds back its
+    hidden state for at most ``max_latent_steps`` steps until it emits ``latent_end_id``.
+    Token ids may be given as token strings; ``LatentGenerator.from_pretrained`` (or a generator built
+    with a tokenizer) resolves them.
+    """
+
+    num_latent_steps: int = 3
+    num_selected_patches: int = 32
+    start_marker_id: TokenRef = None
+    end_marker_id: TokenRef = None
+    position_mode: str = "mrope"
+    trigger: str = "prompt"
+    latent_start_id: TokenRef = None
+    latent_end_id: TokenRef = None
+    latent_pad_id: TokenRef = None
+    max_latent_steps: int = 8
+    backend: str | None = None  # ops backend; None = best for the device
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def nonneg_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"LatentConfig.{name} must be a non-negative int, got {v!r}")
+
+        nonneg_int("num_latent_steps")
+        nonneg_int("num_selected_patches")
+        nonneg_int("max_latent_steps")
+        if self.position_mode not in ("mrope", "arange"):
+            raise ValueError(f"LatentConfig.position_mode must be 'mrope' or 'arange', got {self.position_mode!r}")
+        if self.trigger not in ("prompt", "token"):
+            raise ValueError(f"LatentConfig.trigger must be 'prompt' or 'token', got {self.trigger!r}")
+        if self.backend not in (None, "torch", "cpu", "triton", "cuda"):
+            raise ValueError(f"LatentConfig.backend must be None, 'torch', 'cpu', 'triton' or 'cuda', got {self.backend!r}")
+        for name in ("start_marker_id", "end_marker_id", "latent_start_id", "latent_end_id", "latent_pad_id"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str) and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"LatentConfig.{name} must be a token id >= 0, a token string or None, got {v!r}")
+        if self.trigger == "token":
+            if self.num_selected_patches != 0:
+                raise ValueError(
+                    "LatentConfig.num_selected_patches must be 0 with trigger='token' (Mirage feeds back hidden "
+                    f"states only), got {self.num_selected_patches}"
+                )
+            if self.max_latent_steps < 1:
+                raise ValueError("LatentConfig.max_latent_steps must be >= 1 with trigger='token'")
+            if self.start_marker_id is not None or self.end_marker_id is not None:
+                raise ValueError("LatentConfig.start_marker_id/end_marker_id apply to trigger='prompt' only")
+
+    def replace(self, **changes) -> "LatentConfig":
+        return dataclasses.replace(self, **changes)
+
+    def token_fields(self) -> list[str]:
+        """Names of the token-id fields this config uses."""
+        if self.trigger == "token":
+            return ["latent_start_id", "latent_end_id", "latent_pad_id"]
+        return ["start_marker_id", "end_marker_id"]
+
+    @property
+    def resolved(self) -> bool:
+        """True when every token field in use is an int (or None where optional)."""
+        return not any(isinstance(getattr(self, f), str) for f in self.token_fields())
+
+    # Presets -------------------------------------------------------------------------------------
+    @classmethod
+    def ivtlr(cls, **overrides) -> "LatentConfig":
+        """IVT-LR: 3 latent steps of 32 patches + hidden state, arange positions (official checkpoints)."""
+        base = dict(num_latent_steps=3, num_selected_patches=32, position_mode="arange", trigger="prompt",
+                    start_marker_id=COCONUT_TOKENS["start"], end_marker_id=COCONUT_TOKENS["end"])
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def coconut(cls, **overrides) -> "LatentConfig":
+        """Coconut: hidden-state-only latent steps between <|start-latent|> and <|end-latent|>."""
+        base = dict(num_latent_steps=3, num_selected_patches=0, trigger="prompt",
+                    start_marker_id=COCONUT_TOKENS["start"], end_marker_id=COCONUT_TOKENS["end"])
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def mirage(cls, **overrides) -> "LatentConfig":
+        """Mirage: the model switches itself into hidden-state feedback, at most 8 steps per segment."""
+        base = dict(num_latent_steps=0, num_selected_patches=0, trigger="token", max_latent_steps=8,
+                    latent_start_id=MIRAGE_TOKENS["start"], latent_end_id=MIRAGE_TOKENS["end"],
+                    latent_pad_id=MIRAGE_TOKENS["pad"])
+        return cls(**{**base, **overrides})
+
+    def resolve_tokens(self, tokenizer) -> "LatentConfig":
+        """Replace token strings by ids from ``tokenizer``; unknown tokens are a ValueError naming them."""
+        changes = {}
+        for name in self.token_fields():
+            v = getattr(self, name)
+            if isinstance(v, str):
+                tid = tokenizer.convert_tokens_to_ids(v) if tokenizer is not None else None
+                unk = getattr(tokenizer, "unk_token_id", None)
+                if tid is None or (unk is not None and tid == unk and v != getattr(tokenizer, "unk_token", None)):
+                    raise ValueError(
+                        f"LatentConfig.{name}={v!r} is not a token of this tokenizer; add it "
+                        "(tokenizer.add_special_tokens) or pass the id"
+                    )
+                changes[name] = int(tid)
+        return self.replace(**changes) if changes else self

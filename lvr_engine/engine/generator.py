@@ -1,0 +1,284 @@
+"""LatentGenerator: KV-cached, batched latent decoding with the pinned semantics of DESIGN.md §2."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import adapter_for
+from .config import LatentConfig
+from .inputs import validate_and_layout
+from .kv_cache import StaticKVCache
+from .runner import DecoderRunner
+from .sampler import Sampler, SamplingParams
+from .. import ops
+
+
+@dataclass
+class GenerationStats:
+    """Per-call accounting. Times are wall seconds (device-synchronised at phase boundaries)."""
+
+    batch_size: int = 0
+    forward_passes: int = 0
+    prefill_s: float = 0.0
+    latent_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    latent_positions: int = 0      # positions appended by latent steps (and markers), per row
+    new_tokens: int = 0            # tokens generated over all rows, up to and including EOS
+    ops_backend: str = ""
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.latent_s + self.decode_s
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor        # (B, T) new tokens only; rows that stopped at EOS are padded after it
+    selected: torch.Tensor         # (B, N, K) chosen image-token indices per latent step
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class LatentGenerator:
+    """Runs latent reasoning (IVT-LR / Coconut / Mirage) or plain decoding on a transformers model.
+
+    ``model`` is a transformers instance of a supported family (Qwen2-VL, Qwen2.5-VL, Qwen2, Llama);
+    ``processor`` (or a tokenizer) is only needed to resolve token names in ``config``.
+    """
+
+    def __init__(self, model, config: LatentConfig | None = None, processor=None):
+        self.adapter = adapter_for(model)  # TypeError for unsupported classes
+        self.model = model
+        self.processor = processor
+        config = config if config is not None else LatentConfig()
+        if not isinstance(config, LatentConfig):
+            raise TypeError(f"config must be a LatentConfig, got {type(config).__name__}")
+        if not config.resolved:
+            tok = getattr(processor, "tokenizer", processor)
+            if tok is None:
+                names = {f: getattr(config, f) for f in config.token_fields() if isinstance(getattr(config, f), str)}
+                raise ValueError(f"LatentConfig token fields {names} are token names; pass processor= (or a "
+                                 "tokenizer) to resolve them, or give ids")
+            config = config.resolve_tokens(tok)
+        if config.trigger == "token":
+            missing = [f for f in config.token_fields() if getattr(config, f) is None]
+            if missing:
+                raise ValueError(f"trigger='token' needs {missing} to be set")
+        if config.num_latent_steps > 0 and config.num_selected_patches > 0 and not self.adapter.is_multimodal:
+            raise ValueError(f"num_selected_patches={config.num_selected_patches} > 0 but "
+                             f"{type(model).__name__} is a text-only model (use num_selected_patches=0)")
+        self.config = config
+        self.runner = DecoderRunner(self.adapter.decoder_weights(), backend=config.backend)
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, config: LatentConfig | None = None, dtype=None, device=None):
+        """Load a local checkpoint directory (model + its processor/tokenizer) and build a generator."""
+        from ..models.loading import load_checkpoint
+
+        model, processor = load_checkpoint(path, dtype=dtype, device=device)
+        return cls(model, config, processor=processor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 eos_token_id=None, pad_token_id: int | None = None) -> GenerationOutput:
+        """Generate for a batch of prompts. Shapes: input_ids/attention_mask/mm_token_type_ids (B, S);
+        pixel_values (num_patches, C*T*P*P) and image_grid_thw (num_images, 3) as the processor returns."""
+        cfg = self.config
+        prompt_trigger = cfg.trigger == "prompt"
+        N = cfg.num_latent_steps if prompt_trigger else 0
+        K = cfg.num_selected_patches if N > 0 else 0
+        sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
+        cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        batch = validate_and_layout(self.adapter, cpu(input_ids), cpu(attention_mask), pixel_values,
+                                    cpu(image_grid_thw), mm_token_type_ids, max_new_tokens, N, K)
+        eos = self._eos_ids(eos_token_id)
+        pad_id = self.adapter.pad_token_id if pad_token_id is None else int(pad_token_id)
+
+        dev, dtype = self.device, self.adapter.dtype
+        B = batch.ids.shape[0]
+        stats = GenerationStats(batch_size=B, ops_backend=ops.resolve_backend(cfg.backend, dev.type))
+        t0 = _now(dev)
+
+        # -- prompt: embeddings with images scattered in, positions, optional start marker -----------------
+        ids = batch.ids.to(dev)
+        lens = batch.lens.to(dev)
+        order = batch.order.to(dev)
+        image_slots = batch.image_slots.to(dev)
+        embeds = self.runner.embed(ids)
+        image_embeds = None
+        if sum(batch.image_counts) > 0:
+            per_image = self.adapter.encode_images(pixel_values.to(dev), image_grid_thw.to(dev))
+            image_embeds = self._rows_of_images(per_image, batch.images_per_row, image_slots.shape[1], dtype)
+            rows, cols = torch.nonzero(image_slots >= 0, as_tuple=True)
+            embeds[rows, image_slots[rows, cols].long()] = image_embeds[rows, cols]
+        positions, offset = self._prompt_positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw,
+                                                   batch, order, lens)
+        S = ids.shape[1]
+        use_start = N > 0 and cfg.start_marker_id is not None
+        use_end = N > 0 and cfg.end_marker_id is not None
+        if use_start:  # the marker is one more prompt token at slot lens[b], next text position
+            embeds = torch.cat([embeds, embeds.new_zeros(B, 1, embeds.shape[-1])], 1)
+            positions = torch.cat([positions, positions.new_zeros(3, B, 1)], 2)
+            marker = self.runner.embed(torch.tensor([cfg.start_marker_id], device=dev))[0]
+            embeds[torch.arange(B, device=dev), lens] = marker
+            positions[:, torch.arange(B, device=dev), lens] = (lens + offset)[None]
+            lens = lens + 1
+            S += 1
+        stats.prompt_tokens = int(batch.lens.sum())
+        latent_len = N * (K + 1) + (1 if use_end else 0) + (1 if use_start else 0)
+        stats.latent_positions = latent_len
+        cache = StaticKVCache(len(self.runner.w.layers), B, self.runner.w.num_kv_heads,
+                              S + latent_len + max_new_tokens, self.runner.w.head_dim, dtype, dev)
+
+        # -- prefill --------------------------------------------------------------------------------------
+        scores = torch.zeros(image_slots.shape, dtype=torch.float32, device=dev) if N > 0 else None
+        hidden = self.runner.prefill(embeds, positions, lens, cache, image_slots if K > 0 else None,
+                                     scores if K > 0 else None)
+        h_last = hidden[torch.arange(B, device=dev), lens - 1]
+        stats.forward_passes += 1
+        t1 = _now(dev)
+        stats.prefill_s = t1 - t0
+
+        # -- latent segment (trigger="prompt") ------------------------------------------------------------
+        selected = torch.empty(B, N, K, dtype=torch.long, device=dev)
+        if N > 0:
+            available = image_slots >= 0
+            buf = torch.empty(B, K + 1, embeds.shape[-1], dtype=dtype, device=dev)
+            if image_embeds is None:
+                image_embeds = torch.zeros(B, image_slots.shape[1], embeds.shape[-1], dtype=dtype, device=dev)
+            end_embed = (self.runner.embed(torch.tensor([cfg.end_marker_id], device=dev))[0]
+                         if use_end else None)
+            for t in range(N):
+                idx = ops.select_and_feedback(scores, available, image_embeds, h_last, K, buf, backend=cfg.backend)
+                selected[:, t] = idx
+                chunk = buf
+                if t == N - 1 and use_end:
+                    chunk = torch.cat([buf, end_embed.expand(B, 1, -1)], 1)
+                last_step = t == N - 1  # the last step's scores would choose nothing
+                want = K > 0 and not last_step
+                hidden = self.runner.step(chunk, self._next_positions(cache, offset, chunk.shape[1]), cache,
+                                          image_slots if want else None, scores if want else None)
+                h_last = hidden[:, -1]
+                stats.forward_passes += 1
+        t2 = _now(dev)
+        stats.latent_s = t2 - t1
+
+        # -- decoding -------------------------------------------------------------------------------------
+        sampler = Sampler(sampling, dev)
+        if prompt_trigger:
+            seqs = self._decode_text(h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats)
+        else:
+            seqs = self._decode_token_trigger(h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats)
+        stats.decode_s = _now(dev) - t2
+        return GenerationOutput(sequences=seqs, selected=selected, stats=stats)
+
+    # ------------------------------------------------------------------------------------------------
+    def _decode_text(self, h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats):
+        B, dev = h_last.shape[0], h_last.device
+        eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = []
+        logits = self.runner.logits(h_last)
+        for t in range(max_new_tokens):
+            tok = sampler(logits)
+            tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+            stats.new_tokens += int((~finished).sum())
+            out.append(tok)
+            finished |= torch.isin(tok, eos_t)
+            if t == max_new_tokens - 1 or bool(finished.all()):
+                break
+            hidden = self.runner.step(self.runner.embed(tok)[:, None], self._next_positions(cache, offset, 1), cache)
+            stats.forward_passes += 1
+            logits = self.runner.logits(hidden[:, -1])
+        return torch.stack(out, 1)
+
+    def _decode_token_trigger(self, h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats):
+        """Mirage: rows switch into hidden-state feedback after ``latent_start_id`` and out at ``latent_end_id``."""
+        cfg = self.config
+        B, dev = h_last.shape[0], h_last.device
+        eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        latent = torch.zeros(B, dtype=torch.bool, device=dev)   # row is inside a latent segment
+        count = torch.zeros(B, dtype=torch.long, device=dev)    # latent steps fed in the current segment
+        full = lambda v: torch.full((B,), v, dtype=torch.long, device=dev)  # noqa: E731
+        out = []
+        logits = self.runner.logits(h_last)
+        for t in range(max_new_tokens):
+            tok = sampler(logits)
+            live_latent = latent & ~finished
+            end_now = live_latent & ((tok == cfg.latent_end_id) | (count >= cfg.max_latent_steps))
+            feed_hidden = live_latent & ~end_now
+            tok = torch.where(feed_hidden, full(cfg.latent_pad_id), torch.where(end_now, full(cfg.latent_end_id), tok))
+            tok = torch.where(finished, full(pad_id), tok)
+            enter = ~latent & ~finished & (tok == cfg.latent_start_id)
+            stats.new_tokens += int((~finished).sum())
+            out.append(tok)
+            finished |= ~live_latent & torch.isin(tok, eos_t)
+            count = torch.where(feed_hidden, count + 1, torch.where(enter, torch.zeros_like(count), count))
+            latent = (latent & feed_hidden) | enter
+            if t == max_new_tokens - 1 or bool(finished.all()):
+                break
+            x = torch.where(feed_hidden[:, None], h_last, self.runner.embed(tok))
+            hidden = self.runner.step(x[:, None], self._next_positions(cache, offset, 1), cache)
+            stats.forward_passes += 1
+            h_last = hidden[:, -1]
+            logits = self.runner.logits(h_last)
+        return torch.stack(out, 1)
+
+    # ------------------------------------------------------------------------------------------------
+    def _eos_ids(self, eos_token_id) -> list[int]:
+        if eos_token_id is None:
+            return self.adapter.eos_token_ids
+        return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+    def _rows_of_images(self, per_image, images_per_row, width, dtype):
+        """(B, I, h): each row's image embeddings in prompt order, zero-padded."""
+        hdim = per_image[0].shape[-1]
+        out = per_image[0].new_zeros(len(images_per_row), width, hdim, dtype=dtype)
+        i = 0
+        for b, n in enumerate(images_per_row):
+            if n:
+                row = torch.cat(per_image[i:i + n], 0)
+                out[b, : row.shape[0]] = row.to(dtype)
+            i += n
+        return out
+
+    def _prompt_positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, batch, order, lens):
+        """(3, B, S) compact prompt positions and (B,) offset: position of slot s >= len is s + offset."""
+        dev = order.device
+        B, S = order.shape
+        slot = torch.arange(S, device=dev)[None].expand(B, -1)
+        if self.config.position_mode == "arange" or not self.adapter.is_multimodal:
+            return slot[None].expand(3, -1, -1).clone(), torch.zeros(B, dtype=torch.long, device=dev)
+        ids = input_ids.to(dev)
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(dev)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (ids == self.adapter.image_token_id).int()
+        pos = self.adapter.prompt_positions(ids, mask, mm_token_type_ids.to(dev),
+                                            image_grid_thw.to(dev) if image_grid_thw is not None else None)
+        pos = torch.gather(pos.to(dev), 2, order[None].expand(3, -1, -1))
+        valid = slot < lens[:, None]
+        top = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2))  # (B,) max prompt position
+        offset = top + 1 - lens
+        return pos, offset
+
+    def _next_positions(self, cache, offset, chunk):
+        """(3, B, C) positions for the next ``chunk`` appended tokens: next text positions on all axes."""
+        p = cache.slots(chunk) + offset[:, None]
+        return p[None].expand(3, -1, -1)
+
+
+def _now(dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()

@@ -1,0 +1,133 @@
+"""Input validation and the compact (left-aligned) layout of a batch of prompts.
+
+Everything here runs before any model compute, so bad input fails fast and loses nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.base import ModelAdapter
+
+
+@dataclass
+class PromptBatch:
+    """A batch in the engine's layout. Shapes: B rows, S = longest prompt, I = most image tokens in a row."""
+
+    ids: torch.Tensor            # (B, S) token ids, row b left-aligned on [0, lens[b])
+    lens: torch.Tensor           # (B,) int64 prompt lengths
+    order: torch.Tensor          # (B, S) index into the caller's columns for each compact slot
+    image_slots: torch.Tensor    # (B, I) int32 compact slot of each image token, -1 = pad
+    image_counts: list[int]      # image tokens per row
+    images_per_row: list[int]    # images per row
+
+
+def _require_tensor(name, x, ndim=None, dtypes=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_values, image_grid_thw,
+                        mm_token_type_ids, max_new_tokens, num_latent_steps, num_selected_patches) -> PromptBatch:
+    """Check the request against the model and the latent config; build the compact layout.
+
+    Raises ValueError/TypeError naming the problem: shapes, image tokens without pixel values, image tokens
+    not matching ``image_grid_thw``, too few image tokens for N*K selections, K > 0 on a text-only model,
+    non-positive ``max_new_tokens``.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
+    B, S = input_ids.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _require_tensor("attention_mask", attention_mask, 2)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    mask = attention_mask.bool()
+    lens = mask.sum(1)
+    if (lens == 0).any():
+        raise ValueError(f"rows {torch.nonzero(lens == 0).flatten().tolist()} have no attended tokens")
+    # Valid tokens must be one contiguous run per row (left or right padding, not holes).
+    first = mask.int().argmax(1)
+    span = torch.arange(S)[None, :]
+    contiguous = ((span >= first[:, None]) & (span < (first + lens)[:, None])) == mask.cpu()
+    if not contiguous.all():
+        raise ValueError("attention_mask must be one contiguous run of 1s per row (left or right padding)")
+    if mm_token_type_ids is not None and mm_token_type_ids.shape != input_ids.shape:
+        raise ValueError(f"mm_token_type_ids shape {tuple(mm_token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+
+    K, N = num_selected_patches, num_latent_steps
+    if not adapter.is_multimodal:
+        if K > 0 and N > 0:
+            raise ValueError(
+                f"num_selected_patches={K} > 0 needs image tokens, but {type(adapter.model).__name__} is a "
+                "text-only model; use num_selected_patches=0 (Coconut)"
+            )
+        if pixel_values is not None or image_grid_thw is not None:
+            raise ValueError(f"pixel_values/image_grid_thw given to text-only model {type(adapter.model).__name__}")
+        image_mask = torch.zeros_like(mask)
+    else:
+        image_mask = (input_ids == adapter.image_token_id) & mask
+
+    counts = image_mask.sum(1).tolist()
+    images_per_row = [0] * B
+    if sum(counts) > 0 or pixel_values is not None or image_grid_thw is not None:
+        if pixel_values is None:
+            raise ValueError(f"input_ids contain {sum(counts)} image tokens but pixel_values is None")
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        _require_tensor("image_grid_thw", image_grid_thw, 2)
+        if image_grid_thw.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must be (num_images, 3), got {tuple(image_grid_thw.shape)}")
+        per_image = adapter.image_token_counts(image_grid_thw)
+        if sum(counts) != sum(per_image):
+            raise ValueError(
+                f"image tokens do not match image_grid_thw: input_ids hold {sum(counts)} image tokens, "
+                f"image_grid_thw describes {sum(per_image)} ({per_image} per image)"
+            )
+        n_patches = int(image_grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != n_patches:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw describes {n_patches}")
+        # Each contiguous run of image tokens is one image, in order through the batch.
+        it = iter(per_image)
+        for b in range(B):
+            row = image_mask[b].int()
+            runs = torch.nonzero(torch.diff(torch.cat([row.new_zeros(1), row, row.new_zeros(1)])), as_tuple=False)
+            run_lens = (runs[1::2] - runs[0::2]).flatten().tolist()
+            for r in run_lens:
+                n = next(it, None)
+                if n != r:
+                    raise ValueError(
+                        f"image tokens do not match image_grid_thw: row {b} has a run of {r} image tokens where "
+                        f"the next image in image_grid_thw has {n}"
+                    )
+            images_per_row[b] = len(run_lens)
+
+    if N > 0 and K > 0:
+        short = [(b, c) for b, c in enumerate(counts) if c < N * K]
+        if short:
+            b, c = short[0]
+            raise ValueError(
+                f"row {b} has {c} image tokens but {N} latent steps x {K} patches need {N * K} distinct ones "
+                f"(rows short: {[r for r, _ in short]})"
+            )
+
+    # Compact layout: valid tokens first, in their original order (a stable sort on "is padding").
+    order = torch.sort((~mask).int(), dim=1, stable=True).indices
+    ids = torch.gather(input_ids.long(), 1, order)
+    S_img = max(counts) if counts else 0
+    image_slots = torch.full((B, S_img), -1, dtype=torch.int32)
+    compact_img = torch.gather(image_mask, 1, order)
+    for b in range(B):
+        idx = torch.nonzero(compact_img[b]).flatten()
+        image_slots[b, : idx.numel()] = idx.to(torch.int32)
+    return PromptBatch(ids=ids, lens=lens.long(), order=order, image_slots=image_slots, image_counts=counts,
+                       images_per_row=images_per_row)

@@ -1,0 +1,204 @@
+"""Our decoder loop over a Qwen2/Llama-shaped model's weights, on a compact KV cache.
+
+Three kinds of forward, all returning final-norm hidden states:
+- ``prefill``: left-aligned prompts (B, S) with per-row lengths; SDPA attention; the last query's image
+  scores from ``ops.image_attention_scores``.
+- ``step``: a chunk of C new tokens per row (a latent step C = K+1, a decode step C = 1) on the cache;
+  inference uses ``ops.chunk_attention_with_scores`` (reads K/V once, scores on the fly); with autograd
+  on it uses SDPA over an out-of-place cache (the fused kernels have no backward) and the score op.
+- ``logits``: the LM head.
+
+Image scores are summed over layers and heads; selection only needs their order, so the mean over
+layers and heads of DESIGN §2 is not divided out.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..models.base import DecoderWeights
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as HF Qwen2/Llama: normalise in float32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return norm.weight * xf.to(x.dtype)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class DecoderRunner:
+    """Runs the text decoder of ``weights`` with the engine's cache and ops.
+
+    positions are (3, B, C) int64 (all three equal for text-only models / arange mode).
+    """
+
+    def __init__(self, weights: DecoderWeights, backend: str | None = None):
+        self.w = weights
+        self.backend = backend
+        self.scale = weights.head_dim ** -0.5
+        self._fused = None  # (ptrs, qkv list, gate_up list) — rebuilt if the model's storage moved
+
+    # -- weights ------------------------------------------------------------------------------
+    def _fused_weights(self):
+        """Fused QKV and gate/up projections; the HF parameters become views into them (one copy)."""
+        layers = self.w.layers
+        ptrs = tuple(l.attn.q_proj.weight.data_ptr() for l in layers)
+        if self._fused is not None and self._fused[0] == ptrs:
+            return self._fused[1], self._fused[2]
+        if not all(type(l.attn.q_proj) is nn.Linear and type(l.mlp.gate_proj) is nn.Linear for l in layers):
+            self._fused = (ptrs, None, None)  # adapters (e.g. LoRA) wrap the projections: call modules
+            return None, None
+        qkv, gate_up = [], []
+        for l in layers:
+            qkv.append(_fuse([l.attn.q_proj, l.attn.k_proj, l.attn.v_proj]))
+            gate_up.append(_fuse([l.mlp.gate_proj, l.mlp.up_proj]))
+        ptrs = tuple(l.attn.q_proj.weight.data_ptr() for l in layers)
+        self._fused = (ptrs, qkv, gate_up)
+        return qkv, gate_up
+
+    def _projections(self, i, h):
+        """q (B,C,H*D), k, v (B,C,Hkv*D) of layer i."""
+        attn = self.w.layers[i].attn
+        qkv, _ = (None, None) if torch.is_grad_enabled() else self._fused_weights()
+        if qkv is None:
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        W, b = qkv[i]
+        out = F.linear(h, W, b)
+        nq = self.w.num_heads * self.w.head_dim
+        nk = self.w.num_kv_heads * self.w.head_dim
+        return out[..., :nq], out[..., nq:nq + nk], out[..., nq + nk:]
+
+    def _mlp(self, i, h):
+        mlp = self.w.layers[i].mlp
+        _, gate_up = (None, None) if torch.is_grad_enabled() else self._fused_weights()
+        if gate_up is None:
+            return mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        W, b = gate_up[i]
+        g, u = F.linear(h, W, b).chunk(2, dim=-1)
+        return mlp.down_proj(F.silu(g) * u)
+
+    # -- rotary ---------------------------------------------------------------------------------
+    def rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, C, 1, D) for positions (3, B, C), in ``dtype`` (HF computes in fp32 then casts)."""
+        inv = self.w.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv  # (3,B,C,D/2)
+        sec = self.w.mrope_section
+        if sec is not None:
+            freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(sec, dim=-1))], dim=-1)
+        else:
+            freqs = freqs[0]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.w.rope_scaling).to(dtype)
+        sin = (emb.sin() * self.w.rope_scaling).to(dtype)
+        return cos[:, :, None, :], sin[:, :, None, :]
+
+    # -- forwards -------------------------------------------------------------------------------
+    def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None):
+        """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h)."""
+        B, S, _ = embeds.shape
+        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
+        cos, sin = self.rotary(positions, embeds.dtype)
+        ar = torch.arange(S, device=embeds.device)
+        key_ok = ar[None, :] < lens[:, None]                                   # (B,S)
+        mask = (ar[None, :, None] >= ar[None, None, :]) & key_ok[:, None, :]   # (B,S,S) causal & valid keys
+        mask = mask[:, None]
+        last = (lens - 1).clamp(min=0)
+        want_scores = scores is not None and image_slots is not None and image_slots.shape[1] > 0
+        x = embeds
+        for i, lw in enumerate(self.w.layers):
+            h = rms_norm(x, lw.input_norm, self.w.rms_eps)
+            q, k, v = self._projections(i, h)
+            q = q.view(B, S, H, D)
+            k = k.view(B, S, Hkv, D)
+            v = v.view(B, S, Hkv, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.write_prompt(i, k, v)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale,
+                enable_gqa=H != Hkv,
+            )
+            if want_scores:
+                kc, _ = cache.layer(i)
+                with torch.no_grad():
+                    q_last = q[torch.arange(B, device=q.device), last]  # (B,H,D)
+                    ops.image_attention_scores(q_last, kc, lens, image_slots, scores, self.scale, backend=self.backend)
+            x = x + lw.attn.o_proj(o.transpose(1, 2).reshape(B, S, H * D))
+            x = x + self._mlp(i, rms_norm(x, lw.post_norm, self.w.rms_eps))
+        cache.lens = lens.clone()
+        cache.filled = S
+        return rms_norm(x, self.w.norm, self.w.rms_eps)
+
+    def step(self, embeds, positions, cache, image_slots=None, scores=None):
+        """embeds (B,C,h) appended to every row at slots [lens[b], lens[b]+C); returns hidden (B,C,h)."""
+        B, C, _ = embeds.shape
+        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
+        cos, sin = self.rotary(positions, embeds.dtype)
+        slots = cache.slots(C)
+        new_lens = cache.lens + C
+        if cache.filled + C > cache.max_len:  # host-side count: no device sync inside a step
+            raise RuntimeError(f"KV cache overflow: need {cache.filled + C} slots, have {cache.max_len}")
+        want_scores = scores is not None and image_slots is not None and image_slots.shape[1] > 0
+        grad = torch.is_grad_enabled()
+        if grad:
+            ar = torch.arange(cache.max_len, device=embeds.device)
+            mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,S)
+        x = embeds
+        for i, lw in enumerate(self.w.layers):
+            h = rms_norm(x, lw.input_norm, self.w.rms_eps)
+            q, k, v = self._projections(i, h)
+            q = q.view(B, C, H, D)
+            k = k.view(B, C, Hkv, D)
+            v = v.view(B, C, Hkv, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = cache.write_chunk(i, k, v, slots)
+            if grad:
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=H != Hkv
+                ).transpose(1, 2)
+                if want_scores:
+                    with torch.no_grad():
+                        ops.image_attention_scores(q[:, -1].detach(), kc.detach(), new_lens, image_slots, scores,
+                                                   self.scale, backend=self.backend)
+            else:
+                o = ops.chunk_attention_with_scores(
+                    q, kc, vc, new_lens, image_slots, scores if want_scores else None, self.scale,
+                    backend=self.backend,
+                )
+            x = x + lw.attn.o_proj(o.reshape(B, C, H * D))
+            x = x + self._mlp(i, rms_norm(x, lw.post_norm, self.w.rms_eps))
+        cache.lens = new_lens
+        cache.filled += C
+        return rms_norm(x, self.w.norm, self.w.rms_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.w.lm_head(hidden)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w.embed(ids)
+
+
+def _fuse(linears: list[nn.Linear]):
+    """Concatenate the weights (and biases) of ``linears`` and re-point each module at its slice."""
+    W = torch.cat([m.weight.data for m in linears], dim=0)
+    has_bias = any(m.bias is not None for m in linears)
+    b = None
+    if has_bias:
+        b = torch.cat([m.bias.data if m.bias is not None else
+                       torch.zeros(m.out_features, dtype=W.dtype, device=W.device) for m in linears])
+    off = 0
+    for m in linears:
+        n = m.out_features
+        m.weight.data = W[off:off + n]
+        if m.bias is not None:
+            m.bias.data = b[off:off + n]
+        off += n
+    return W, b

@@ -1,0 +1,51 @@
+"""Loading a local checkpoint directory (model + processor) for a supported family."""
+from __future__ import annotations
+
+import json
+import os
+
+
+# model_type in config.json -> transformers class name
+_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+
+
+def load_checkpoint(path, dtype=None, device=None):
+    """(model, processor_or_tokenizer) from a local directory; clear errors for missing/corrupt files."""
+    import transformers
+
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path!r} is not a checkpoint: no config.json (expected config.json + *.safetensors)")
+    try:
+        with open(cfg_file) as f:
+            model_type = json.load(f).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt checkpoint {path!r}: config.json is not valid JSON ({e})") from e
+    cls_name = _CLASSES.get(model_type)
+    if cls_name is None:
+        raise TypeError(f"unsupported model family {model_type!r} in {cfg_file}; supported: {sorted(_CLASSES)}")
+    cls = getattr(transformers, cls_name)
+    try:
+        model = cls.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"cannot load checkpoint {path!r} as {cls_name}: {e}") from e
+    model.eval()
+    if device is not None:
+        model.to(device)
+    processor = None
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            processor = transformers.AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            processor = None
+    return model, processor

@@ -1,0 +1,85 @@
+"""Qwen2-VL and Qwen2.5-VL: vision tower once per image, the model's own M-RoPE prompt positions."""
+from __future__ import annotations
+
+import torch
+
+from .base import DecoderWeights, LayerWeights, ModelAdapter
+
+
+def _text_decoder_weights(text_model, lm_head, text_config, mrope_section) -> DecoderWeights:
+    """Decoder parts shared by every Qwen2/Llama-shaped text model (``text_model`` has embed_tokens, layers, norm)."""
+    layers = [
+        LayerWeights(attn=l.self_attn, mlp=l.mlp, input_norm=l.input_layernorm, post_norm=l.post_attention_layernorm)
+        for l in text_model.layers
+    ]
+    attn0 = text_model.layers[0].self_attn
+    head_dim = getattr(attn0, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    rot = text_model.rotary_emb
+    norm = text_model.norm
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or text_config.rms_norm_eps
+    return DecoderWeights(
+        embed=text_model.embed_tokens,
+        layers=layers,
+        norm=norm,
+        lm_head=lm_head,
+        num_heads=text_config.num_attention_heads,
+        num_kv_heads=text_config.num_key_value_heads,
+        head_dim=head_dim,
+        rms_eps=float(eps),
+        inv_freq=rot.inv_freq.detach().float(),
+        rope_scaling=float(getattr(rot, "attention_scaling", 1.0)),
+        mrope_section=list(mrope_section) if mrope_section is not None else None,
+        act=getattr(text_config, "hidden_act", "silu"),
+    )
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2_vl"
+    is_multimodal = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.spatial_merge_size = int(cfg.vision_config.spatial_merge_size)
+        self._weights = None
+
+    def decoder_weights(self) -> DecoderWeights:
+        if self._weights is None:
+            lm = self.model.model.language_model
+            tc = self.text_config
+            rope = getattr(tc, "rope_parameters", None) or {}
+            section = rope.get("mrope_section") or getattr(lm.rotary_emb, "mrope_section", None)
+            self._weights = _text_decoder_weights(lm, self.model.lm_head, tc, section)
+        return self._weights
+
+    def image_token_counts(self, image_grid_thw: torch.Tensor) -> list[int]:
+        return (image_grid_thw.prod(-1) // self.spatial_merge_size**2).tolist()
+
+    def encode_images(self, pixel_values, image_grid_thw):
+        out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return list(out.pooler_output)
+
+    def prompt_positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
+        if image_grid_thw is None:
+            return super().prompt_positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+        pos, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+        return pos
+
+
+class CausalLMAdapter(ModelAdapter):
+    """Qwen2 / Llama text-only causal LMs (Coconut): no images, 1-D rotary positions."""
+
+    family = "causal_lm"
+    is_multimodal = False
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._weights = None
+
+    def decoder_weights(self) -> DecoderWeights:
+        if self._weights is None:
+            self._weights = _text_decoder_weights(self.model.model, self.model.lm_head, self.config, None)
+        return self._weights
