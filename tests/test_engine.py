@@ -1,0 +1,135 @@
+"""LatentGenerator vs the published algorithm (benchmarks/baselines.py): identical tokens and selections."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from benchmarks.baselines import published_latent_generate
+from lvr_engine import LatentConfig, LatentGenerator
+from tiny_models import END_MARKER, EOS, START_MARKER, make_batch, make_text_batch, tiny_text_lm
+
+ROWS = [(5, (8, 8), 7), (9, (6, 8), 3), (2, (8, 10), 12)]  # 16, 12, 20 image tokens; lengths differ
+
+
+def _reference(model, pieces, cfg, max_new_tokens):
+    toks, sels = [], []
+    for ids, pv, thw in pieces:
+        t, s = published_latent_generate(
+            model, ids, pixel_values=pv, image_grid_thw=thw, num_latent_steps=cfg.num_latent_steps,
+            num_selected_patches=cfg.num_selected_patches, start_marker_id=cfg.start_marker_id,
+            end_marker_id=cfg.end_marker_id, position_mode=cfg.position_mode, max_new_tokens=max_new_tokens,
+            eos_token_id=EOS)
+        toks.append(t)
+        sels.append(s)
+    return toks, sels
+
+
+def _check_rows(out, ref_toks, ref_sels, pad_id=0):
+    for b, (t, s) in enumerate(zip(ref_toks, ref_sels)):
+        got = out.sequences[b].tolist()
+        assert got[: len(t)] == t, f"row {b}: engine {got} vs published {t}"
+        assert all(x == pad_id for x in got[len(t):]), f"row {b} not padded after EOS: {got}"
+        assert torch.equal(out.selected[b].cpu(), s), f"row {b}: selected {out.selected[b].tolist()} vs {s.tolist()}"
+
+
+GRID = list(itertools.product([1, 3], [0, 4], [True, False], ["mrope", "arange"], ["left", "right"]))
+
+
+@pytest.mark.parametrize("N,K,markers,position_mode,padding", GRID)
+def test_qwen2_vl_matches_published(vlm_qwen2, N, K, markers, position_mode, padding):
+    cfg = LatentConfig(num_latent_steps=N, num_selected_patches=K, position_mode=position_mode,
+                       start_marker_id=START_MARKER if markers else None,
+                       end_marker_id=END_MARKER if markers else None)
+    batch, pieces = make_batch(ROWS, padding_side=padding, seed=N * 10 + K)
+    out = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
+    assert out.sequences.shape[0] == 3 and out.selected.shape == (3, N, K)
+    _check_rows(out, *_reference(vlm_qwen2, pieces, cfg, 6))
+
+
+@pytest.mark.parametrize("N,K,markers,position_mode,padding",
+                         [(3, 4, True, "mrope", "left"), (1, 4, False, "arange", "right"),
+                          (3, 0, True, "arange", "left"), (1, 0, False, "mrope", "right")])
+def test_qwen2_5_vl_matches_published(vlm_qwen25, N, K, markers, position_mode, padding):
+    cfg = LatentConfig(num_latent_steps=N, num_selected_patches=K, position_mode=position_mode,
+                       start_marker_id=START_MARKER if markers else None,
+                       end_marker_id=END_MARKER if markers else None)
+    batch, pieces = make_batch(ROWS, padding_side=padding, seed=3)
+    out = LatentGenerator(vlm_qwen25, cfg).generate(**batch, max_new_tokens=6)
+    _check_rows(out, *_reference(vlm_qwen25, pieces, cfg, 6))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("N,padding", [(1, "left"), (3, "right")])
+def test_coconut_on_text_model(family, N, padding):
+    model = tiny_text_lm(family, seed=2)
+    cfg = LatentConfig.coconut(num_latent_steps=N, start_marker_id=START_MARKER, end_marker_id=END_MARKER)
+    batch, rows = make_text_batch([7, 12, 4], padding_side=padding, seed=N)
+    out = LatentGenerator(model, cfg).generate(**batch, max_new_tokens=6)
+    ref = [published_latent_generate(model, ids, num_latent_steps=N, num_selected_patches=0,
+                                     start_marker_id=START_MARKER, end_marker_id=END_MARKER, max_new_tokens=6,
+                                     eos_token_id=EOS) for ids in rows]
+    _check_rows(out, [r[0] for r in ref], [r[1] for r in ref])
+
+
+def test_selected_are_distinct_and_ascending(vlm_qwen2):
+    cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4)
+    batch, _ = make_batch(ROWS, seed=5)
+    out = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=2)
+    counts = [16, 12, 20]
+    for b in range(3):
+        sel = out.selected[b]
+        assert (sel[:, 1:] > sel[:, :-1]).all(), "each step's patches must be in ascending order"
+        assert sel.flatten().unique().numel() == 12, "a patch chosen in an earlier step was chosen again"
+        assert int(sel.max()) < counts[b]
+
+
+def test_plain_decoding_equals_transformers_generate(vlm_qwen2):
+    """num_latent_steps=0 is ordinary decoding: identical to HF generate (greedy, mrope, left padding)."""
+    batch, _ = make_batch(ROWS, padding_side="left", seed=7)
+    out = LatentGenerator(vlm_qwen2, LatentConfig(num_latent_steps=0)).generate(**batch, max_new_tokens=8)
+    hf = vlm_qwen2.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    hf_new = hf[:, batch["input_ids"].shape[1]:]
+    for b in range(3):
+        ref = hf_new[b].tolist()
+        if EOS in ref:
+            ref = ref[: ref.index(EOS) + 1]
+        assert out.sequences[b].tolist()[: len(ref)] == ref
+
+
+def test_batch_rows_equal_solo_runs(vlm_qwen2):
+    cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4, start_marker_id=START_MARKER)
+    gen = LatentGenerator(vlm_qwen2, cfg)
+    batch, pieces = make_batch(ROWS, padding_side="right", seed=11)
+    out = gen.generate(**batch, max_new_tokens=8)
+    for b, (ids, pv, thw) in enumerate(pieces):
+        solo = gen.generate(input_ids=ids[None], pixel_values=pv, image_grid_thw=thw, max_new_tokens=8)
+        n = solo.sequences.shape[1]
+        assert out.sequences[b, :n].tolist() == solo.sequences[0].tolist()
+        assert torch.equal(out.selected[b], solo.selected[0])
+
+
+def test_stats_count_forward_passes(vlm_qwen2):
+    cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4, end_marker_id=END_MARKER)
+    batch, _ = make_batch(ROWS, seed=2)
+    out = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=5, eos_token_id=[])
+    s = out.stats
+    assert out.sequences.shape == (3, 5)
+    assert s.forward_passes == 1 + 3 + 4  # prefill, one per latent step, one per decoded token after the first
+    assert s.latent_positions == 3 * 5 + 1 and s.new_tokens == 15 and s.batch_size == 3
+    assert s.prefill_s > 0 and s.latent_s > 0 and s.decode_s > 0
+
+
+def test_sampling_is_reproducible(vlm_qwen2):
+    gen = LatentGenerator(vlm_qwen2, LatentConfig(num_latent_steps=2, num_selected_patches=4))
+    batch, _ = make_batch(ROWS, seed=4)
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.95, top_k=50, eos_token_id=[])
+    a = gen.generate(**batch, seed=123, **kw).sequences
+    b = gen.generate(**batch, seed=123, **kw).sequences
+    c = gen.generate(**batch, seed=124, **kw).sequences
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c), "different seeds gave identical samples"
+    greedy = gen.generate(**batch, max_new_tokens=12, eos_token_id=[]).sequences
+    top1 = gen.generate(**batch, max_new_tokens=12, do_sample=True, top_k=1, seed=5, eos_token_id=[]).sequences
+    assert torch.equal(greedy, top1), "top_k=1 sampling must equal greedy decoding"
