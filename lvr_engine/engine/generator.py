@@ -10,6 +10,7 @@ from ..models import adapter_for
 from .config import LatentConfig
 from .inputs import validate_and_layout
 from .kv_cache import StaticKVCache
+from .hf_runner import HFModuleRunner
 from .runner import DecoderRunner
 from .sampler import Sampler, SamplingParams
 from .. import ops
@@ -44,11 +45,16 @@ class GenerationOutput:
 class LatentGenerator:
     """Runs latent reasoning (IVT-LR / Coconut / Mirage) or plain decoding on a transformers model.
 
-    ``model`` is a transformers instance of a supported family (Qwen2-VL, Qwen2.5-VL, Qwen2, Llama);
-    ``processor`` (or a tokenizer) is only needed to resolve token names in ``config``.
+    ``model`` is a transformers instance of a supported family (Qwen2-VL, Qwen2.5-VL, Qwen2, Llama; other
+    ``*ForCausalLM`` models laid out as ``model.model.layers`` run on the HF-module runner);
+    ``processor`` (or a tokenizer) is only needed to resolve token names in ``config``;
+    ``runner``: "lean" (our decoder loop over the weights), "hf" (the model's own layer modules with our
+    cache and ops) or "auto" (lean where the family has it).
     """
 
-    def __init__(self, model, config: LatentConfig | None = None, processor=None):
+    def __init__(self, model, config: LatentConfig | None = None, processor=None, runner: str = "auto"):
+        if runner not in ("auto", "lean", "hf"):
+            raise ValueError(f"runner must be 'auto', 'lean' or 'hf', got {runner!r}")
         self.adapter = adapter_for(model)  # TypeError for unsupported classes
         self.model = model
         self.processor = processor
@@ -70,16 +76,20 @@ class LatentGenerator:
             raise ValueError(f"num_selected_patches={config.num_selected_patches} > 0 but "
                              f"{type(model).__name__} is a text-only model (use num_selected_patches=0)")
         self.config = config
-        self.runner = DecoderRunner(self.adapter.decoder_weights(), backend=config.backend)
+        if runner == "lean" and not self.adapter.lean_runner:
+            raise ValueError(f"no lean runner for {type(model).__name__}; use runner='hf' or 'auto'")
+        use_lean = runner == "lean" or (runner == "auto" and self.adapter.lean_runner)
+        runner_cls = DecoderRunner if use_lean else HFModuleRunner
+        self.runner = runner_cls(self.adapter.decoder_weights(), backend=config.backend)
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, config: LatentConfig | None = None, dtype=None, device=None):
+    def from_pretrained(cls, path, config: LatentConfig | None = None, dtype=None, device=None, runner="auto"):
         """Load a local checkpoint directory (model + its processor/tokenizer) and build a generator."""
         from ..models.loading import load_checkpoint
 
         model, processor = load_checkpoint(path, dtype=dtype, device=device)
-        return cls(model, config, processor=processor)
+        return cls(model, config, processor=processor, runner=runner)
 
     @property
     def device(self) -> torch.device:

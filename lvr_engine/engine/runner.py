@@ -13,6 +13,8 @@ layers and heads of DESIGN §2 is not divided out.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,87 +105,112 @@ class DecoderRunner:
     def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None):
         """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h)."""
         B, S, _ = embeds.shape
-        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        cos, sin = self.rotary(positions, embeds.dtype)
         ar = torch.arange(S, device=embeds.device)
         key_ok = ar[None, :] < lens[:, None]                                   # (B,S)
         mask = (ar[None, :, None] >= ar[None, None, :]) & key_ok[:, None, :]   # (B,S,S) causal & valid keys
-        mask = mask[:, None]
-        last = (lens - 1).clamp(min=0)
-        want_scores = scores is not None and image_slots is not None and image_slots.shape[1] > 0
-        x = embeds
-        for i, lw in enumerate(self.w.layers):
-            h = rms_norm(x, lw.input_norm, self.w.rms_eps)
-            q, k, v = self._projections(i, h)
-            q = q.view(B, S, H, D)
-            k = k.view(B, S, Hkv, D)
-            v = v.view(B, S, Hkv, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            cache.write_prompt(i, k, v)
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale,
-                enable_gqa=H != Hkv,
-            )
-            if want_scores:
-                kc, _ = cache.layer(i)
-                with torch.no_grad():
-                    q_last = q[torch.arange(B, device=q.device), last]  # (B,H,D)
-                    ops.image_attention_scores(q_last, kc, lens, image_slots, scores, self.scale, backend=self.backend)
-            x = x + lw.attn.o_proj(o.transpose(1, 2).reshape(B, S, H * D))
-            x = x + self._mlp(i, rms_norm(x, lw.post_norm, self.w.rms_eps))
+        want = scores is not None and image_slots is not None and image_slots.shape[1] > 0
+        ctx = _StepContext("prefill", lens, lens, image_slots if want else None, scores if want else None,
+                           mask=mask[:, None], slots=None)
+        x = self._layers(embeds, positions, cache, ctx)
         cache.lens = lens.clone()
         cache.filled = S
-        return rms_norm(x, self.w.norm, self.w.rms_eps)
+        return self.final_norm(x)
 
     def step(self, embeds, positions, cache, image_slots=None, scores=None):
         """embeds (B,C,h) appended to every row at slots [lens[b], lens[b]+C); returns hidden (B,C,h)."""
         B, C, _ = embeds.shape
-        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        cos, sin = self.rotary(positions, embeds.dtype)
-        slots = cache.slots(C)
-        new_lens = cache.lens + C
         if cache.filled + C > cache.max_len:  # host-side count: no device sync inside a step
             raise RuntimeError(f"KV cache overflow: need {cache.filled + C} slots, have {cache.max_len}")
-        want_scores = scores is not None and image_slots is not None and image_slots.shape[1] > 0
-        grad = torch.is_grad_enabled()
-        if grad:
+        slots = cache.slots(C)
+        new_lens = cache.lens + C
+        want = scores is not None and image_slots is not None and image_slots.shape[1] > 0
+        mask = None
+        if torch.is_grad_enabled():
             ar = torch.arange(cache.max_len, device=embeds.device)
             mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,S)
-        x = embeds
-        for i, lw in enumerate(self.w.layers):
-            h = rms_norm(x, lw.input_norm, self.w.rms_eps)
-            q, k, v = self._projections(i, h)
-            q = q.view(B, C, H, D)
-            k = k.view(B, C, Hkv, D)
-            v = v.view(B, C, Hkv, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            kc, vc = cache.write_chunk(i, k, v, slots)
-            if grad:
-                o = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=H != Hkv
-                ).transpose(1, 2)
-                if want_scores:
-                    with torch.no_grad():
-                        ops.image_attention_scores(q[:, -1].detach(), kc.detach(), new_lens, image_slots, scores,
-                                                   self.scale, backend=self.backend)
-            else:
-                o = ops.chunk_attention_with_scores(
-                    q, kc, vc, new_lens, image_slots, scores if want_scores else None, self.scale,
-                    backend=self.backend,
-                )
-            x = x + lw.attn.o_proj(o.reshape(B, C, H * D))
-            x = x + self._mlp(i, rms_norm(x, lw.post_norm, self.w.rms_eps))
+        ctx = _StepContext("chunk", cache.lens, new_lens, image_slots if want else None, scores if want else None,
+                           mask=mask, slots=slots)
+        x = self._layers(embeds, positions, cache, ctx)
         cache.lens = new_lens
         cache.filled += C
+        return self.final_norm(x)
+
+    def final_norm(self, x):
         return rms_norm(x, self.w.norm, self.w.rms_eps)
+
+    def _layers(self, x, positions, cache, ctx):
+        cos, sin = self.rotary(positions, x.dtype)
+        for i in range(len(self.w.layers)):
+            x = self._layer(i, x, cos, sin, cache, ctx)
+        return x
+
+    def _layer(self, i, x, cos, sin, cache, ctx):
+        """One decoder layer on our fused weights. x (B,C,h); cos/sin (B,C,1,D)."""
+        lw = self.w.layers[i]
+        B, C, _ = x.shape
+        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
+        h = rms_norm(x, lw.input_norm, self.w.rms_eps)
+        q, k, v = self._projections(i, h)
+        q = q.view(B, C, H, D)
+        k = k.view(B, C, Hkv, D)
+        v = v.view(B, C, Hkv, D)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        o = self.attend(i, q, k, v, cache, ctx)
+        x = x + lw.attn.o_proj(o.reshape(B, C, H * D))
+        return x + self._mlp(i, rms_norm(x, lw.post_norm, self.w.rms_eps))
+
+    def attend(self, i, q, k, v, cache, ctx):
+        """Write layer i's new k, v (B,C,Hkv,D) into the cache and attend with q (B,C,H,D) -> (B,C,H,D).
+
+        Also adds the last query's image scores into ``ctx.scores`` when asked. Shared by both runners.
+        """
+        H, Hkv = q.shape[2], k.shape[2]
+        B = q.shape[0]
+        if ctx.mode == "prefill":
+            cache.write_prompt(i, k, v)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=ctx.mask, scale=self.scale,
+                enable_gqa=H != Hkv,
+            ).transpose(1, 2)
+            if ctx.scores is not None:
+                kc, _ = cache.layer(i)
+                with torch.no_grad():
+                    q_last = q[torch.arange(B, device=q.device), ctx.new_lens - 1].detach()  # (B,H,D)
+                    ops.image_attention_scores(q_last, kc.detach(), ctx.new_lens, ctx.image_slots, ctx.scores,
+                                               self.scale, backend=self.backend)
+            return o
+        kc, vc = cache.write_chunk(i, k, v, ctx.slots)
+        if ctx.mask is not None:  # autograd on: SDPA (differentiable) + the score op on the side
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), kc, vc, attn_mask=ctx.mask, scale=self.scale, enable_gqa=H != Hkv
+            ).transpose(1, 2)
+            if ctx.scores is not None:
+                with torch.no_grad():
+                    ops.image_attention_scores(q[:, -1].detach(), kc.detach(), ctx.new_lens, ctx.image_slots,
+                                               ctx.scores, self.scale, backend=self.backend)
+            return o
+        return ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
+                                               backend=self.backend)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.w.lm_head(hidden)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.w.embed(ids)
+
+
+@dataclass
+class _StepContext:
+    """Per-forward metadata every layer needs (one object, as nano-vllm's context)."""
+
+    mode: str                      # "prefill" or "chunk"
+    lens: torch.Tensor             # (B,) cache lengths before this forward
+    new_lens: torch.Tensor         # (B,) after it
+    image_slots: torch.Tensor | None
+    scores: torch.Tensor | None    # (B,I) float32 accumulator, or None when no selection follows
+    mask: torch.Tensor | None      # bool attention mask for SDPA (prefill, or chunk under autograd)
+    slots: torch.Tensor | None     # (B,C) cache slots of the chunk
 
 
 def _fuse(linears: list[nn.Linear]):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import DecoderWeights, LayerWeights, ModelAdapter
-from .qwen2_vl import CausalLMAdapter, Qwen2VLAdapter
+from .qwen2_vl import CausalLMAdapter, GenericCausalLMAdapter, Qwen2VLAdapter
 
 # Class names we have a runner for. Matched by name so the project does not import every family.
 _ADAPTERS = {
@@ -26,11 +26,14 @@ def adapter_for(model) -> ModelAdapter:
         base = getattr(getattr(model, "base_model", None), "model", None)
         if base is not None and base is not model and type(base).__name__ in _ADAPTERS:
             return _ADAPTERS[type(base).__name__](base)
+        if GenericCausalLMAdapter.fits(model):
+            return GenericCausalLMAdapter(model)
         raise TypeError(
-            f"unsupported model class {name}; lvr_engine runs {', '.join(supported_model_classes())}"
+            f"unsupported model class {name}; lvr_engine runs {', '.join(supported_model_classes())} "
+            "and other *ForCausalLM models laid out as model.model.layers (HF-module runner)"
         )
     return cls(model)
 
 
 __all__ = ["ModelAdapter", "DecoderWeights", "LayerWeights", "adapter_for", "supported_model_classes",
-           "Qwen2VLAdapter", "CausalLMAdapter"]
+           "Qwen2VLAdapter", "CausalLMAdapter", "GenericCausalLMAdapter"]

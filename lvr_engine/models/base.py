@@ -34,7 +34,8 @@ class DecoderWeights:
     rope_scaling: float = 1.0         # multiplies cos/sin (HF's attention_scaling)
     mrope_section: list[int] | None = None  # Qwen2-VL multimodal rotary split of head_dim/2
     act: str = "silu"
-    extra: dict = field(default_factory=dict)
+    layer_modules: list[nn.Module] = field(default_factory=list)  # the HF decoder layers (fallback runner)
+    rotary_module: nn.Module | None = None                         # the HF rotary embedding module
 
 
 class ModelAdapter(abc.ABC):
@@ -42,6 +43,7 @@ class ModelAdapter(abc.ABC):
 
     family: str = "base"
     is_multimodal: bool = False
+    lean_runner: bool = False  # True when the engine's own decoder loop understands this family's weights
     image_token_id: int | None = None
 
     def __init__(self, model: nn.Module):

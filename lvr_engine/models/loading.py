@@ -30,9 +30,13 @@ def load_checkpoint(path, dtype=None, device=None):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"corrupt checkpoint {path!r}: config.json is not valid JSON ({e})") from e
     cls_name = _CLASSES.get(model_type)
-    if cls_name is None:
-        raise TypeError(f"unsupported model family {model_type!r} in {cfg_file}; supported: {sorted(_CLASSES)}")
-    cls = getattr(transformers, cls_name)
+    if cls_name is not None:
+        cls = getattr(transformers, cls_name)
+    else:  # other causal LMs run on the HF-module runner if their layout fits (checked by adapter_for)
+        if model_type not in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise TypeError(f"unsupported model family {model_type!r} in {cfg_file}; supported: "
+                            f"{sorted(_CLASSES)} and other causal LMs with a model.model.layers layout")
+        cls, cls_name = transformers.AutoModelForCausalLM, "AutoModelForCausalLM"
     try:
         model = cls.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
     except (OSError, ValueError, RuntimeError, KeyError) as e:

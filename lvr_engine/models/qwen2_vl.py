@@ -8,8 +8,10 @@ from .base import DecoderWeights, LayerWeights, ModelAdapter
 
 def _text_decoder_weights(text_model, lm_head, text_config, mrope_section) -> DecoderWeights:
     """Decoder parts shared by every Qwen2/Llama-shaped text model (``text_model`` has embed_tokens, layers, norm)."""
+    # getattr: families served only by the HF-module runner may name their norms differently
     layers = [
-        LayerWeights(attn=l.self_attn, mlp=l.mlp, input_norm=l.input_layernorm, post_norm=l.post_attention_layernorm)
+        LayerWeights(attn=l.self_attn, mlp=getattr(l, "mlp", None), input_norm=getattr(l, "input_layernorm", None),
+                     post_norm=getattr(l, "post_attention_layernorm", None))
         for l in text_model.layers
     ]
     attn0 = text_model.layers[0].self_attn
@@ -30,12 +32,15 @@ def _text_decoder_weights(text_model, lm_head, text_config, mrope_section) -> De
         rope_scaling=float(getattr(rot, "attention_scaling", 1.0)),
         mrope_section=list(mrope_section) if mrope_section is not None else None,
         act=getattr(text_config, "hidden_act", "silu"),
+        layer_modules=list(text_model.layers),
+        rotary_module=rot,
     )
 
 
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     is_multimodal = True
+    lean_runner = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -74,6 +79,7 @@ class CausalLMAdapter(ModelAdapter):
 
     family = "causal_lm"
     is_multimodal = False
+    lean_runner = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -83,3 +89,18 @@ class CausalLMAdapter(ModelAdapter):
         if self._weights is None:
             self._weights = _text_decoder_weights(self.model.model, self.model.lm_head, self.config, None)
         return self._weights
+
+
+class GenericCausalLMAdapter(CausalLMAdapter):
+    """Other HF causal LMs laid out as ``model.model.{embed_tokens, layers, norm, rotary_emb}`` + ``lm_head``
+    (Qwen3, Mistral, ...): no lean runner; the engine runs their own layer modules (HF-module runner)."""
+
+    family = "generic_causal_lm"
+    lean_runner = False
+
+    @staticmethod
+    def fits(model) -> bool:
+        inner = getattr(model, "model", None)
+        return (type(model).__name__.endswith("ForCausalLM") and hasattr(model, "lm_head")
+                and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+                and all(hasattr(l, "self_attn") and hasattr(l.self_attn, "layer_idx") for l in inner.layers))

@@ -19,13 +19,10 @@ def _module(backend: str):
     try:
         if backend == "cpu":
             return importlib.import_module("lvr_engine.ops.cpu")
-        if backend == "cuda":
-            mod = importlib.import_module("lvr_engine.ops.cuda")
+        if backend in ("cuda", "triton"):
+            mod = importlib.import_module(f"lvr_engine.ops.{backend}")
             return mod if mod.is_available() else None
-        if backend == "triton":
-            mod = importlib.import_module("lvr_engine.ops.triton")
-            return mod if mod.is_available() else None
-    except (ImportError, OSError, RuntimeError):
+    except (ImportError, OSError, RuntimeError, AttributeError):
         return None
     raise ValueError(f"unknown ops backend {backend!r}; expected one of {BACKENDS} or None")
 
