@@ -1,0 +1,307 @@
+"""The example type every benchmark loader returns, and the shared parquet reader behind them.
+
+M3CoT and ScienceQA are read from a local copy of their published Hugging Face repositories:
+``<data_dir>/data/<split>-*.parquet`` (e.g. ``data/train-00000-of-00001-1028f23e353fbe3e.parquet``),
+images embedded as the ``datasets`` ``Image`` feature, i.e. a struct ``{bytes: binary, path: string}``.
+The loaders validate the layout and the columns up front, then return a :class:`ReasoningDataset`: a
+lazy ``Sequence[ReasoningExample]`` that decodes a row (and its image) only when it is accessed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+from PIL import Image
+
+LETTERS = string.ascii_uppercase
+"""Choice letters: choice ``i`` is ``LETTERS[i]`` ("A", "B", ...)."""
+
+# Split names that mean the same thing across the published layouts: the Hugging Face repositories
+# use "validation", the M3CoT GitHub code calls the same split "dev".
+_SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
+    "validation": ("validation", "dev", "val"),
+    "dev": ("dev", "validation", "val"),
+    "val": ("val", "validation", "dev"),
+}
+
+
+@dataclass
+class ReasoningExample:
+    """One multiple-choice visual reasoning question, benchmark-independent.
+
+    Attributes:
+        id: unique id within the dataset (M3CoT's ``id``; ScienceQA has none, so
+            ``"scienceqa-<split>-<row>"`` with the row index in the split's shards).
+        image: the decoded image in RGB mode (transparent pixels composited onto white), or ``None``
+            when the row has no image.
+        question: the question text, as published.
+        choices: the option texts; choice ``i`` has letter ``LETTERS[i]``.
+        answer: the gold letter, ``"A"``, ``"B"``, ...
+        answer_index: the gold choice index, ``answer == LETTERS[answer_index]``.
+        steps: the rationale split into at most 3 steps (:func:`lvr_engine.data.steps.split_rationale`);
+            ``[]`` when the row has no rationale.
+        context: extra context shown with the question (M3CoT ``context``, ScienceQA ``hint``); ``""``
+            when absent.
+        metadata: the remaining columns (domain, topic, grade, ...) plus ``"dataset"`` ("m3cot", ...),
+            ``"split"`` (the split loaded) and ``"row"`` (the row index in the split, before filtering).
+        rationale: the full rationale text the steps were split from.
+    """
+
+    id: str
+    image: Image.Image | None
+    question: str
+    choices: list[str]
+    answer: str
+    answer_index: int
+    steps: list[str]
+    context: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    rationale: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.answer_index < len(self.choices):
+            raise ValueError(
+                f"example {self.id!r}: answer_index {self.answer_index} is out of range for "
+                f"{len(self.choices)} choices"
+            )
+        if self.answer != LETTERS[self.answer_index]:
+            raise ValueError(
+                f"example {self.id!r}: answer {self.answer!r} does not match answer_index "
+                f"{self.answer_index} (letter {LETTERS[self.answer_index]!r})"
+            )
+
+    @property
+    def letters(self) -> list[str]:
+        """The letters of the choices, ``["A", "B", ...]`` (one per choice)."""
+        return list(LETTERS[: len(self.choices)])
+
+    @property
+    def answer_text(self) -> str:
+        """The text of the gold choice."""
+        return self.choices[self.answer_index]
+
+
+def letter_for(index: int) -> str:
+    """Return the letter of choice ``index`` (0 → ``"A"``); ``ValueError`` outside 0–25."""
+    if not 0 <= index < len(LETTERS):
+        raise ValueError(f"choice index {index} has no letter (supported: 0..{len(LETTERS) - 1})")
+    return LETTERS[index]
+
+
+def index_for(letter: str) -> int:
+    """Return the choice index of ``letter`` (``"A"``/``"a"`` → 0); ``ValueError`` if not a letter."""
+    s = letter.strip().upper()
+    if len(s) != 1 or s not in LETTERS:
+        raise ValueError(f"{letter!r} is not a choice letter A-Z")
+    return LETTERS.index(s)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return ``image`` in RGB mode; transparent pixels are composited onto white (as qwen_vl_utils)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def decode_image(value: Any, base_dir: str | os.PathLike | None = None) -> Image.Image | None:
+    """Decode one undecoded ``datasets`` ``Image`` cell into an RGB PIL image.
+
+    ``value`` is ``None`` (no image), a dict ``{"bytes": ..., "path": ...}`` (the embedded form:
+    bytes win; otherwise ``path``, resolved against ``base_dir`` when relative), raw ``bytes``, or
+    a PIL image. Returns ``None`` for a missing image; ``FileNotFoundError`` if only a path is
+    given and it does not exist.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data, path = bytes(value), None
+    elif isinstance(value, Mapping):
+        data, path = value.get("bytes"), value.get("path")
+    else:
+        raise TypeError(f"cannot decode an image from a {type(value).__name__}")
+    if data is not None:
+        return _open_rgb(io.BytesIO(data))
+    if path:
+        p = Path(path)
+        if not p.is_absolute() and base_dir is not None:
+            p = Path(base_dir) / p
+        if not p.exists():
+            raise FileNotFoundError(f"image file {p} (referenced by the dataset) does not exist")
+        return _open_rgb(p)
+    return None
+
+
+def _open_rgb(source) -> Image.Image:
+    # Decode fully and detach from the file object: the returned image owns its pixels.
+    with Image.open(source) as im:
+        im.load()
+        rgb = to_rgb(im)
+        return rgb.copy() if rgb is im else rgb
+
+
+def find_split_shards(data_dir: str | os.PathLike, split: str, dataset_name: str) -> list[Path]:
+    """Return the parquet shards of ``split`` under ``<data_dir>/data/``, sorted by name.
+
+    Accepts ``data/<split>-*.parquet`` (the published naming, e.g.
+    ``data/test-00000-of-00001-f0e719df791966ff.parquet``) and ``data/<split>.parquet``. The split
+    names "validation", "dev" and "val" stand in for one another. Raises ``FileNotFoundError``
+    naming the path and the expected files when the directory, its ``data/`` folder, or the
+    split's shards are missing.
+    """
+    root = Path(data_dir).expanduser()
+    expected = f"{root}/data/{split}-*.parquet (e.g. data/{split}-00000-of-00001.parquet)"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{dataset_name} dataset directory {root} does not exist (or is not a directory); "
+            f"expected the Hugging Face parquet layout with shards at {expected}"
+        )
+    data = root / "data"
+    if not data.is_dir():
+        raise FileNotFoundError(
+            f"{dataset_name} dataset directory {root} has no data/ folder; expected the Hugging Face "
+            f"parquet layout with shards at {expected}"
+        )
+    shards: list[Path] = []
+    for name in _SPLIT_ALIASES.get(split, (split,)):
+        shards = sorted(set(data.glob(f"{name}-*.parquet")) | set(data.glob(f"{name}.parquet")))
+        if shards:
+            break
+    if not shards:
+        present = sorted(p.name for p in data.glob("*.parquet"))
+        raise FileNotFoundError(
+            f"{dataset_name}: no parquet shards for split {split!r} in {data}; expected {expected}. "
+            f"Parquet files present: {present if present else 'none'}"
+        )
+    return shards
+
+
+def check_columns(shards: Sequence[Path], required: Sequence[str], dataset_name: str) -> None:
+    """Raise ``ValueError`` naming the shard and the missing columns if a shard lacks a required column."""
+    import pyarrow.parquet as pq
+
+    for shard in shards:
+        try:
+            names = set(pq.read_schema(shard).names)
+        except Exception as exc:  # not a parquet file, truncated, ...
+            raise ValueError(f"{dataset_name}: cannot read the parquet schema of {shard}: {exc}") from exc
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise ValueError(
+                f"{dataset_name}: shard {shard} is missing column(s) {missing}; expected columns "
+                f"{list(required)} (found {sorted(names)})"
+            )
+
+
+def read_parquet_split(shards: Sequence[Path], split: str, cache_dir: str | os.PathLike | None = None):
+    """Read ``shards`` with ``datasets`` and return a ``datasets.Dataset`` with the image undecoded.
+
+    The ``image`` column comes back as ``Image(decode=False)`` cells (``{"bytes", "path"}`` dicts or
+    ``None``) whether or not the parquet carries the Hugging Face feature metadata, so that
+    :func:`decode_image` decides how to decode. ``cache_dir`` is passed to ``datasets`` (its Arrow
+    cache; default ``~/.cache/huggingface/datasets``).
+    """
+    import datasets
+
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files={split: [str(s) for s in shards]},
+        split=split,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
+    if "image" in ds.column_names:
+        feat = ds.features["image"]
+        if isinstance(feat, datasets.Image):
+            if feat.decode:
+                ds = ds.cast_column("image", datasets.Image(decode=False))
+        elif isinstance(feat, dict) and {"bytes", "path"} <= set(feat):
+            ds = ds.cast_column("image", datasets.Image(decode=False))
+        else:
+            raise ValueError(
+                f"column 'image' of {shards[0]} has type {feat}; expected the datasets Image feature "
+                "(a struct {bytes: binary, path: string})"
+            )
+    return ds
+
+
+def rows_with_image(ds) -> list[int]:
+    """Return the indices of the rows of ``ds`` whose ``image`` cell holds bytes or a path."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = ds.data.column("image")  # the Arrow table behind ds (no indices mapping after load)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    has = pc.or_(
+        pc.fill_null(pc.is_valid(pc.struct_field(col, "bytes")), False),
+        pc.fill_null(pc.is_valid(pc.struct_field(col, "path")), False),
+    )
+    has = pc.and_(has, pc.is_valid(col))
+    return [i for i, ok in enumerate(has.to_pylist()) if ok]
+
+
+class ReasoningDataset(Sequence[ReasoningExample]):
+    """A lazy, read-only sequence of :class:`ReasoningExample` over a ``datasets.Dataset``.
+
+    ``ds[i]`` converts row ``i`` (decoding its image) on every access; ``ds[a:b]`` returns a list;
+    iteration streams the rows. ``hf`` is the underlying ``datasets.Dataset`` (image undecoded), and
+    ``rows[i]`` the index of item ``i`` among the split's rows before any filtering.
+    """
+
+    def __init__(
+        self,
+        hf_dataset,
+        convert: Callable[[Mapping[str, Any], int], ReasoningExample],
+        *,
+        name: str,
+        split: str,
+        shards: Sequence[Path],
+        rows: Sequence[int] | None = None,
+    ) -> None:
+        self.hf = hf_dataset
+        self._convert = convert
+        self.name = name
+        self.split = split
+        self.shards = list(shards)
+        self.rows = list(range(len(hf_dataset))) if rows is None else list(rows)
+        if len(self.rows) != len(hf_dataset):
+            raise ValueError("rows must give one original row index per dataset row")
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    @overload
+    def __getitem__(self, index: int) -> ReasoningExample: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ReasoningExample]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for {self.name} {self.split} with {n} rows")
+        return self._convert(self.hf[i], self.rows[i])
+
+    def __iter__(self) -> Iterator[ReasoningExample]:
+        for row, original in zip(self.hf, self.rows):
+            yield self._convert(row, original)
+
+    def __repr__(self) -> str:
+        return f"ReasoningDataset(name={self.name!r}, split={self.split!r}, rows={len(self)})"

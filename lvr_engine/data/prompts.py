@@ -1,0 +1,232 @@
+"""Prompt and target text for the benchmarks, with IVT-LR's format as the default.
+
+The ``"ivtlr"`` template reproduces the training format of the official code (FYYDCC/IVT-LR
+``qwen_vl/qwenvl_run.py``, ``process_example``, for M3CoT; ``qwen_vl/qwenvl_run_sqa.py`` for
+ScienceQA and ``qwen_vl/dataset.py``, ``get_dataset``/``get_cot_latent_dataset``, for the target,
+as found in the forks faaiz004/IVT-LR and HaiderDawoodKhan/IVT-LR)::
+
+    [Question]:{<question>}
+    [Options]:
+    (A).{<choice 0>}
+    (B).{<choice 1>}
+    Answer:
+    <the user text ends with this newline>
+
+The user text goes into a Qwen2-VL chat turn after the image (:func:`chat_messages`); the assistant
+text the model is trained on is, per curriculum stage ``s``: ``s`` latent positions (the trainer's
+business), then ``steps[s:]`` each followed by ``"\\n"``, then ``"Therefore, the answer is B"`` and
+EOS (the trainer appends the tokenizer's EOS). Two quirks of the official code: its prompt omits
+the context (M3CoT ``context``, ScienceQA ``hint``) — ``"ivtlr"`` does too, ``"ivtlr_context"``
+adds it; its ScienceQA target names the 0-based answer *index* ("Therefore, the answer is 1") while
+the options are lettered — ``"ivtlr"`` uses the letter for both datasets, ``"ivtlr_scienceqa"``
+reproduces the index. (Its M3CoT *inference* script, ``qwen_vl/infer.py`` in the forks, formats options as
+``A.{...}`` and ends the prompt at ``"Answer:"`` without the newline, unlike its training script; we
+use the training format for both.)
+
+Templates live in :data:`PROMPT_TEMPLATES`; add your own with :func:`register_template`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from PIL import Image
+
+from .example import LETTERS, ReasoningExample
+
+__all__ = [
+    "PromptTemplate",
+    "Target",
+    "PROMPT_TEMPLATES",
+    "IVTLR_IMAGE_SIZE",
+    "register_template",
+    "get_template",
+    "format_prompt",
+    "format_target",
+    "chat_messages",
+]
+
+IVTLR_IMAGE_SIZE = 280
+"""Side length IVT-LR resizes every image to (``resized_height``/``resized_width`` = 280 → 10×10
+merged Qwen2-VL patches, 100 image tokens)."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt/target format. The fields are ``str.format`` strings (``{{``/``}}`` are literal braces).
+
+    Attributes:
+        name: the key in :data:`PROMPT_TEMPLATES`.
+        prompt: the user text; fields ``{context}`` (the rendered ``context`` block or ``""``),
+            ``{question}``, ``{options}``.
+        option: one option line; fields ``{letter}``, ``{index}``, ``{choice}``.
+        option_separator: joins the option lines into ``{options}``.
+        context: the context block, field ``{context}``; ``None`` leaves the context out. An
+            empty context always renders as ``""``.
+        step_suffix: appended to every reasoning step of the target.
+        answer: the final answer line of the target; fields ``{letter}``, ``{index}``, ``{choice}``.
+        strip: strip whitespace around question, choices and context before formatting.
+    """
+
+    name: str
+    prompt: str
+    option: str
+    option_separator: str = "\n"
+    context: str | None = None
+    step_suffix: str = "\n"
+    answer: str = "Therefore, the answer is {letter}"
+    strip: bool = True
+
+
+class Target(NamedTuple):
+    """The supervised assistant text, split where the curriculum needs it.
+
+    ``steps`` are the explicit reasoning steps still written as text (each ending with the
+    template's ``step_suffix``), ``answer`` the final answer line (no EOS). ``steps, answer =
+    target`` unpacks it; ``target.text`` is the whole string.
+    """
+
+    steps: list[str]
+    answer: str
+
+    @property
+    def text(self) -> str:
+        """The steps followed by the answer line, concatenated."""
+        return "".join(self.steps) + self.answer
+
+
+_IVTLR = PromptTemplate(
+    name="ivtlr",
+    prompt="{context}[Question]:{{{question}}}\n[Options]:\n{options}\nAnswer:\n",
+    option="({letter}).{{{choice}}}",
+)
+
+PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
+    "ivtlr": _IVTLR,
+    "ivtlr_context": PromptTemplate(
+        name="ivtlr_context",
+        prompt=_IVTLR.prompt,
+        option=_IVTLR.option,
+        context="[Context]:{{{context}}}\n",
+    ),
+    "ivtlr_scienceqa": PromptTemplate(
+        name="ivtlr_scienceqa",
+        prompt=_IVTLR.prompt,
+        option=_IVTLR.option,
+        answer="Therefore, the answer is {index}",
+    ),
+}
+"""Registered templates by name: ``"ivtlr"`` (default, IVT-LR's training format),
+``"ivtlr_context"`` (plus a ``[Context]:{...}`` line when the example has context),
+``"ivtlr_scienceqa"`` (IVT-LR's ScienceQA target, the 0-based answer index instead of the letter)."""
+
+
+def register_template(template: PromptTemplate, overwrite: bool = False) -> PromptTemplate:
+    """Add ``template`` to :data:`PROMPT_TEMPLATES` under ``template.name`` and return it.
+
+    ``ValueError`` if the name is taken and ``overwrite`` is false.
+    """
+    if template.name in PROMPT_TEMPLATES and not overwrite:
+        raise ValueError(f"a prompt template named {template.name!r} already exists (pass overwrite=True)")
+    PROMPT_TEMPLATES[template.name] = template
+    return template
+
+
+def get_template(template: str | PromptTemplate) -> PromptTemplate:
+    """Return the template itself, or the registered template of that name (``ValueError`` if unknown)."""
+    if isinstance(template, PromptTemplate):
+        return template
+    try:
+        return PROMPT_TEMPLATES[template]
+    except KeyError:
+        raise ValueError(
+            f"unknown prompt template {template!r}; known templates: {sorted(PROMPT_TEMPLATES)}"
+        ) from None
+
+
+def _clean(text: str | None, strip: bool) -> str:
+    text = "" if text is None else str(text)
+    return text.strip() if strip else text
+
+
+def format_prompt(example: ReasoningExample, template: str | PromptTemplate = "ivtlr") -> str:
+    """Return the user text (question, optional context, lettered options) for ``example``.
+
+    The image is not part of the text: :func:`chat_messages` puts it in the chat turn.
+    """
+    t = get_template(template)
+    context = _clean(example.context, t.strip)
+    context_block = t.context.format(context=context) if (t.context is not None and context) else ""
+    question = _clean(example.question, t.strip)
+    options = t.option_separator.join(
+        t.option.format(letter=LETTERS[i], index=i, choice=_clean(c, t.strip))
+        for i, c in enumerate(example.choices)
+    )
+    return t.prompt.format(context=context_block, question=question, options=options)
+
+
+def format_target(
+    example: ReasoningExample,
+    num_latent_steps_replaced: int = 0,
+    mode: str = "cot",
+    template: str | PromptTemplate = "ivtlr",
+) -> Target:
+    """Return the assistant text for a curriculum stage as ``Target(steps, answer)``.
+
+    ``mode="cot"``: ``steps`` are ``example.steps[num_latent_steps_replaced:]`` (the first
+    ``num_latent_steps_replaced`` steps are the ones the latent segment replaces; asking for more
+    than there are leaves none), each followed by the template's ``step_suffix``. ``mode="direct"``:
+    no steps, the answer line alone (the no-CoT baseline). ``answer`` is the template's answer line,
+    e.g. ``"Therefore, the answer is B"``; the EOS token is not included. How many latent
+    positions the trainer inserts for a stage (IVT-LR: the stage number, even when the example has
+    fewer steps) is not decided here.
+    """
+    if num_latent_steps_replaced < 0:
+        raise ValueError(f"num_latent_steps_replaced must be >= 0, got {num_latent_steps_replaced}")
+    if mode not in ("cot", "direct"):
+        raise ValueError(f"mode must be 'cot' or 'direct', got {mode!r}")
+    t = get_template(template)
+    if mode == "direct":
+        steps: list[str] = []
+    else:
+        steps = [s + t.step_suffix for s in example.steps[num_latent_steps_replaced:]]
+    answer = t.answer.format(
+        letter=example.answer, index=example.answer_index, choice=example.answer_text
+    )
+    return Target(steps=steps, answer=answer)
+
+
+def chat_messages(
+    example: ReasoningExample,
+    prompt_text: str,
+    image_size: int | tuple[int, int] | None = None,
+    system: str | None = None,
+) -> list[dict[str, Any]]:
+    """Return the Qwen2-VL chat message list for ``processor.apply_chat_template``.
+
+    One user turn: ``{"type": "image", "image": <PIL image>}`` (left out when ``example.image`` is
+    ``None``), then ``{"type": "text", "text": prompt_text}``; an optional system turn first. With
+    ``image_size`` (an int side or ``(width, height)``; IVT-LR uses :data:`IVTLR_IMAGE_SIZE`) the
+    image is resized (bicubic) and the entry also carries ``resized_height``/``resized_width`` for
+    ``qwen_vl_utils``. Render with ``processor.apply_chat_template(messages, tokenize=False,
+    add_generation_prompt=True)``, as IVT-LR does.
+    """
+    content: list[dict[str, Any]] = []
+    if example.image is not None:
+        entry: dict[str, Any] = {"type": "image", "image": example.image}
+        if image_size is not None:
+            w, h = (image_size, image_size) if isinstance(image_size, int) else image_size
+            if w < 1 or h < 1:
+                raise ValueError(f"image_size must be positive, got {image_size!r}")
+            if example.image.size != (w, h):
+                entry["image"] = example.image.resize((w, h), Image.Resampling.BICUBIC)
+            entry["resized_height"] = h
+            entry["resized_width"] = w
+        content.append(entry)
+    content.append({"type": "text", "text": prompt_text})
+    messages: list[dict[str, Any]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    messages.append({"role": "user", "content": content})
+    return messages

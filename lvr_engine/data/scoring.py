@@ -1,0 +1,168 @@
+"""Answer extraction and accuracy for M3CoT and ScienceQA.
+
+The default judge is M3CoT's official one (LightChen233/M3CoT, ``utils/metric.py``,
+``judge_answer``; used by ``evaluate.py``), re-implemented here with the same precedence:
+
+1. if the output contains ``"[Answer]"``, only the text after the last ``"[Answer]"`` and before
+   any following ``"[Rationale]"`` or ``"[Context]"`` is judged;
+2. the last parenthesised letter ``"(X)"`` (either case, any letter) wins;
+3. else every choice whose text occurs in the output (case-insensitive substring) is a hit and the
+   hit with the *highest choice index* wins (not the last in the output);
+4. else ``\\n . , ! ?`` become spaces, the text is split on single spaces, and the highest-index
+   choice letter that is a whole token in upper case wins ("B", "B." ...);
+5. else the same with the lower-case letter ("b"; note that the article "a" counts as choice A);
+6. else no answer (the official code's ``"FAILED"``), which is never correct.
+
+Quirks kept for fidelity: an empty choice text matches every output at rule 3, and rule 2 accepts
+letters beyond the number of choices. The official code only knows letters A–F; here any A–Z.
+
+IVT-LR's own scoring (``qwen_vl/infer.py`` and ``qwen_vl/infer_sqa.py`` of FYYDCC/IVT-LR, read in
+the fork faaiz004/IVT-LR) is
+available with ``judge="ivtlr"``: for M3CoT an output is correct when the gold letter is among the
+letters right after any "the answer is" / "Answer:" (case-insensitive, so "the answer is because"
+yields "B" — their quirk too); for ScienceQA the first digit after "the answer is" (three patterns
+tried in order) is the 0-based answer index, else the first letter there, mapped to an index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .example import LETTERS, ReasoningExample
+
+__all__ = [
+    "extract_m3cot_answer",
+    "ivtlr_m3cot_candidates",
+    "extract_ivtlr_scienceqa_index",
+    "score_m3cot",
+    "score_scienceqa",
+    "accuracy",
+    "accuracy_by",
+    "JUDGES",
+]
+
+JUDGES = ("m3cot", "ivtlr")
+"""Names accepted by the ``judge`` argument of the scoring functions."""
+
+_PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
+_PUNCT_TO_SPACE = re.compile(r"[\n.,!?]")
+_IVTLR_M3COT = re.compile(r"(?:the\s+answer\s+is|Answer:)\s*([A-Z])", re.IGNORECASE)
+_IVTLR_SQA_DIGIT = [
+    re.compile(r"Therefore,?\s*the\s+answer\s+is\s+(\d)", re.IGNORECASE),
+    re.compile(r"the\s+answer\s+is\s+(\d)", re.IGNORECASE),
+    re.compile(r"answer\s+is:?\s*(\d)", re.IGNORECASE),
+]
+_IVTLR_SQA_LETTER = [
+    re.compile(r"Therefore,?\s*the\s+answer\s+is\s+([A-Z])", re.IGNORECASE),
+    re.compile(r"the\s+answer\s+is\s+([A-Z])", re.IGNORECASE),
+    re.compile(r"answer\s+is:?\s*([A-Z])", re.IGNORECASE),
+]
+
+
+def extract_m3cot_answer(text: str, choices: Sequence[str]) -> str | None:
+    """Return the upper-case letter M3CoT's official judge reads from ``text``, or ``None``.
+
+    See the module docstring for the precedence of the rules.
+    """
+    if text is None:
+        return None
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
+    if "[Answer]" in text:
+        text = text.split("[Answer]")[-1].split("[Rationale]")[0].split("[Context]")[0]
+    parens = _PAREN_LETTER.findall(text)
+    if parens:
+        return parens[-1].upper()
+    lowered = text.lower()
+    hits = [LETTERS[i] for i, c in enumerate(choices) if str(c).lower() in lowered]
+    if hits:
+        return hits[-1]
+    tokens = _PUNCT_TO_SPACE.sub(" ", text).split(" ")
+    for case in (str.upper, str.lower):
+        hits = [LETTERS[i] for i in range(len(choices)) if case(LETTERS[i]) in tokens]
+        if hits:
+            return hits[-1]
+    return None
+
+
+def ivtlr_m3cot_candidates(text: str) -> set[str]:
+    """Return the upper-case letters right after "the answer is" or "Answer:" in ``text`` (IVT-LR's rule)."""
+    return {m.group(1).upper() for m in _IVTLR_M3COT.finditer(text or "")}
+
+
+def extract_ivtlr_scienceqa_index(text: str) -> int | None:
+    """Return the answer index IVT-LR's ScienceQA scorer reads from ``text``, or ``None``.
+
+    Digit patterns first (the digit is the 0-based index), then letter patterns (A → 0).
+    """
+    text = text or ""
+    for pattern in _IVTLR_SQA_DIGIT:
+        m = pattern.search(text)
+        if m:
+            return int(m.group(1))
+    for pattern in _IVTLR_SQA_LETTER:
+        m = pattern.search(text)
+        if m:
+            return LETTERS.index(m.group(1).upper())
+    return None
+
+
+def _check_judge(judge: str) -> None:
+    if judge not in JUDGES:
+        raise ValueError(f"unknown judge {judge!r}; known judges: {list(JUDGES)}")
+
+
+def score_m3cot(pred_text: str, example: ReasoningExample, judge: str = "m3cot") -> bool:
+    """Return whether ``pred_text`` answers ``example`` correctly.
+
+    ``judge="m3cot"``: the official judge's letter (:func:`extract_m3cot_answer`) equals
+    ``example.answer``. ``judge="ivtlr"``: ``example.answer`` is among
+    :func:`ivtlr_m3cot_candidates`.
+    """
+    _check_judge(judge)
+    if judge == "ivtlr":
+        return example.answer in ivtlr_m3cot_candidates(pred_text)
+    return extract_m3cot_answer(pred_text, example.choices) == example.answer
+
+
+def score_scienceqa(pred_text: str, example: ReasoningExample, judge: str = "m3cot") -> bool:
+    """Return whether ``pred_text`` picks the gold choice index of ``example``.
+
+    ``judge="m3cot"``: the letter of :func:`extract_m3cot_answer`, mapped to its index, equals
+    ``example.answer_index``. ``judge="ivtlr"``: :func:`extract_ivtlr_scienceqa_index` equals it
+    (for models trained with the ``"ivtlr_scienceqa"`` template, whose answers are indices).
+    """
+    _check_judge(judge)
+    if judge == "ivtlr":
+        index = extract_ivtlr_scienceqa_index(pred_text)
+    else:
+        letter = extract_m3cot_answer(pred_text, example.choices)
+        index = None if letter is None else LETTERS.index(letter)
+    return index == example.answer_index
+
+
+def accuracy(correct: Iterable[bool]) -> float:
+    """Return the fraction of true values in ``correct``; ``ValueError`` when it is empty."""
+    values = [bool(c) for c in correct]
+    if not values:
+        raise ValueError("accuracy of an empty list of results is undefined")
+    return sum(values) / len(values)
+
+
+def accuracy_by(
+    examples: Sequence[ReasoningExample], correct: Sequence[bool], key: str = "domain"
+) -> dict[Any, float]:
+    """Return ``{metadata[key]: accuracy}`` over the groups of ``examples`` (e.g. M3CoT's domains).
+
+    ``examples`` and ``correct`` are parallel; an example without ``key`` in its metadata falls in
+    group ``None``.
+    """
+    if len(examples) != len(correct):
+        raise ValueError(f"{len(examples)} examples but {len(correct)} results")
+    groups: dict[Any, list[bool]] = defaultdict(list)
+    for ex, ok in zip(examples, correct):
+        groups[ex.metadata.get(key)].append(bool(ok))
+    return {k: accuracy(v) for k, v in groups.items()}
