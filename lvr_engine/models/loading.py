@@ -39,17 +39,23 @@ def load_checkpoint(path, dtype=None, device=None):
         cls, cls_name = transformers.AutoModelForCausalLM, "AutoModelForCausalLM"
     try:
         model = cls.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # safetensors/OS/shape errors alike: the checkpoint is unusable, say which
         raise ValueError(f"cannot load checkpoint {path!r} as {cls_name}: {e}") from e
     model.eval()
     if device is not None:
         model.to(device)
-    processor = None
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError):
+    return model, load_processor_or_tokenizer(path)
+
+
+def load_processor_or_tokenizer(path):
+    """The checkpoint's processor (VLMs), else its tokenizer, else None when it ships neither."""
+    import transformers
+
+    from .processors import load_processor
+
+    for load in (load_processor, transformers.AutoTokenizer.from_pretrained):
         try:
-            processor = transformers.AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, KeyError, TypeError):
-            processor = None
-    return model, processor
+            return load(path)
+        except (OSError, ValueError, KeyError, TypeError, ImportError):
+            continue
+    return None

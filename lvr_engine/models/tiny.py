@@ -37,6 +37,8 @@ __all__ = [
     "load_processor",
 ]
 
+from .processors import _has_torchvision, _processor_class, _video_placeholder, load_processor  # noqa: E402
+
 #: Special tokens, in id order (ids 0..12 in every tiny tokenizer).
 TINY_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -240,44 +242,6 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int
     return tokenizer
 
 
-def _has_torchvision() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # ImportError, or a torchvision build that does not match torch
-        return False
-    return True
-
-
-def _allow_processor_without_torchvision() -> None:
-    """transformers 5.23 cannot build *any* processor with a ``video_processor`` slot (Qwen2-VL's)
-    without torchvision: ``ProcessorMixin`` looks ``VideoProcessorMixin`` up on its private copy of
-    the transformers module, where it is only exported when torchvision is installed, and the fallback
-    lookup crashes on the dummy ``VIDEO_PROCESSOR_MAPPING``. The class itself imports fine; export it
-    there. Idempotent, and a no-op when torchvision is installed."""
-    import transformers.processing_utils as pu
-    from transformers.video_processing_utils import VideoProcessorMixin
-
-    if not hasattr(pu.transformers_module, "VideoProcessorMixin"):
-        setattr(pu.transformers_module, "VideoProcessorMixin", VideoProcessorMixin)
-
-
-def _video_placeholder():
-    """Stands in for Qwen2VLVideoProcessor when torchvision is missing (images still work; videos do not)."""
-    from transformers.video_processing_utils import VideoProcessorMixin
-
-    _allow_processor_without_torchvision()
-    return VideoProcessorMixin()
-
-
-def _processor_class(family_or_name: str):
-    import transformers
-
-    name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(family_or_name, family_or_name)
-    if name not in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
-        raise ValueError(f"family must be 'qwen2_vl' or 'qwen2_5_vl', got {family_or_name!r}")
-    return getattr(transformers, name)
-
-
 def build_tiny_processor(tokenizer=None, *, family: str = "qwen2_vl", image_size: int = 224):
     """A ``Qwen2VLProcessor`` (``Qwen2_5_VLProcessor`` for qwen2_5_vl) around ``tokenizer`` (default:
     :func:`build_tiny_tokenizer`), with min_pixels = max_pixels = image_size**2 (must be a multiple
@@ -301,35 +265,6 @@ def build_tiny_processor(tokenizer=None, *, family: str = "qwen2_vl", image_size
         image_processor, video_processor = Qwen2VLImageProcessorPil(**kw), _video_placeholder()
     return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                     chat_template=QWEN2_VL_CHAT_TEMPLATE)
-
-
-def load_processor(path: str | os.PathLike):
-    """``AutoProcessor.from_pretrained(path)``, or, where that fails only because torchvision is not
-    installed (transformers 5.23 loads Qwen2-VL's video processor unconditionally), the same processor
-    assembled from the saved parts: ``AutoTokenizer`` + the PIL ``AutoImageProcessor`` + the chat
-    template, with a placeholder video processor. Works for any local Qwen2-VL / Qwen2.5-VL checkpoint."""
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (ValueError, ImportError) as e:
-        if "torchvision" not in str(e).lower():
-            raise
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    path = Path(path)
-    pcfg = json.loads((path / "processor_config.json").read_text()) if (path / "processor_config.json").exists() else {}
-    proc_cls = _processor_class(pcfg.get("processor_class", "Qwen2VLProcessor"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-    chat_template = None
-    if (path / "chat_template.jinja").exists():
-        chat_template = (path / "chat_template.jinja").read_text()
-    elif (path / "chat_template.json").exists():
-        chat_template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
-    chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-    return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=_video_placeholder(),
-                    chat_template=chat_template)
 
 
 def _fix_saved_video_processor(path: Path, image_size: int) -> None:
