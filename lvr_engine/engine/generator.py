@@ -10,6 +10,7 @@ from ..models import adapter_for
 from .config import LatentConfig
 from .inputs import validate_and_layout
 from .kv_cache import StaticKVCache
+from .prompt import next_positions, prepare_prompt
 from .hf_runner import HFModuleRunner
 from .runner import DecoderRunner
 from .sampler import Sampler, SamplingParams
@@ -120,30 +121,14 @@ class LatentGenerator:
         t0 = _now(dev)
 
         # -- prompt: embeddings with images scattered in, positions, optional start marker -----------------
-        ids = batch.ids.to(dev)
-        lens = batch.lens.to(dev)
-        order = batch.order.to(dev)
-        image_slots = batch.image_slots.to(dev)
-        embeds = self.runner.embed(ids)
-        image_embeds = None
-        if sum(batch.image_counts) > 0:
-            per_image = self.adapter.encode_images(pixel_values.to(dev), image_grid_thw.to(dev))
-            image_embeds = self._rows_of_images(per_image, batch.images_per_row, image_slots.shape[1], dtype)
-            rows, cols = torch.nonzero(image_slots >= 0, as_tuple=True)
-            embeds[rows, image_slots[rows, cols].long()] = image_embeds[rows, cols]
-        positions, offset = self._prompt_positions(input_ids, attention_mask, mm_token_type_ids, image_grid_thw,
-                                                   batch, order, lens)
-        S = ids.shape[1]
         use_start = N > 0 and cfg.start_marker_id is not None
         use_end = N > 0 and cfg.end_marker_id is not None
-        if use_start:  # the marker is one more prompt token at slot lens[b], next text position
-            embeds = torch.cat([embeds, embeds.new_zeros(B, 1, embeds.shape[-1])], 1)
-            positions = torch.cat([positions, positions.new_zeros(3, B, 1)], 2)
-            marker = self.runner.embed(torch.tensor([cfg.start_marker_id], device=dev))[0]
-            embeds[torch.arange(B, device=dev), lens] = marker
-            positions[:, torch.arange(B, device=dev), lens] = (lens + offset)[None]
-            lens = lens + 1
-            S += 1
+        p = prepare_prompt(self.adapter, self.runner.embed, batch, input_ids, attention_mask, pixel_values,
+                           image_grid_thw, mm_token_type_ids, cfg.position_mode,
+                           cfg.start_marker_id if use_start else None, dev, dtype)
+        embeds, positions, offset, lens, image_slots = p.embeds, p.positions, p.offset, p.lens, p.image_slots
+        image_embeds = p.image_embeds
+        S = embeds.shape[1]
         stats.prompt_tokens = int(batch.lens.sum())
         latent_len = N * (K + 1) + (1 if use_end else 0) + (1 if use_start else 0)
         stats.latent_positions = latent_len
@@ -164,8 +149,6 @@ class LatentGenerator:
         if N > 0:
             available = image_slots >= 0
             buf = torch.empty(B, K + 1, embeds.shape[-1], dtype=dtype, device=dev)
-            if image_embeds is None:
-                image_embeds = torch.zeros(B, image_slots.shape[1], embeds.shape[-1], dtype=dtype, device=dev)
             end_embed = (self.runner.embed(torch.tensor([cfg.end_marker_id], device=dev))[0]
                          if use_end else None)
             for t in range(N):
@@ -176,7 +159,7 @@ class LatentGenerator:
                     chunk = torch.cat([buf, end_embed.expand(B, 1, -1)], 1)
                 last_step = t == N - 1  # the last step's scores would choose nothing
                 want = K > 0 and not last_step
-                hidden = self.runner.step(chunk, self._next_positions(cache, offset, chunk.shape[1]), cache,
+                hidden = self.runner.step(chunk, next_positions(cache.lens, offset, chunk.shape[1]), cache,
                                           image_slots if want else None, scores if want else None)
                 h_last = hidden[:, -1]
                 stats.forward_passes += 1
@@ -207,7 +190,7 @@ class LatentGenerator:
             finished |= torch.isin(tok, eos_t)
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
-            hidden = self.runner.step(self.runner.embed(tok)[:, None], self._next_positions(cache, offset, 1), cache)
+            hidden = self.runner.step(self.runner.embed(tok)[:, None], next_positions(cache.lens, offset, 1), cache)
             stats.forward_passes += 1
             logits = self.runner.logits(hidden[:, -1])
         return torch.stack(out, 1)
@@ -239,7 +222,7 @@ class LatentGenerator:
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
             x = torch.where(feed_hidden[:, None], h_last, self.runner.embed(tok))
-            hidden = self.runner.step(x[:, None], self._next_positions(cache, offset, 1), cache)
+            hidden = self.runner.step(x[:, None], next_positions(cache.lens, offset, 1), cache)
             stats.forward_passes += 1
             h_last = hidden[:, -1]
             logits = self.runner.logits(h_last)
@@ -250,42 +233,6 @@ class LatentGenerator:
         if eos_token_id is None:
             return self.adapter.eos_token_ids
         return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
-
-    def _rows_of_images(self, per_image, images_per_row, width, dtype):
-        """(B, I, h): each row's image embeddings in prompt order, zero-padded."""
-        hdim = per_image[0].shape[-1]
-        out = per_image[0].new_zeros(len(images_per_row), width, hdim, dtype=dtype)
-        i = 0
-        for b, n in enumerate(images_per_row):
-            if n:
-                row = torch.cat(per_image[i:i + n], 0)
-                out[b, : row.shape[0]] = row.to(dtype)
-            i += n
-        return out
-
-    def _prompt_positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, batch, order, lens):
-        """(3, B, S) compact prompt positions and (B,) offset: position of slot s >= len is s + offset."""
-        dev = order.device
-        B, S = order.shape
-        slot = torch.arange(S, device=dev)[None].expand(B, -1)
-        if self.config.position_mode == "arange" or not self.adapter.is_multimodal:
-            return slot[None].expand(3, -1, -1).clone(), torch.zeros(B, dtype=torch.long, device=dev)
-        ids = input_ids.to(dev)
-        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(dev)
-        if mm_token_type_ids is None:
-            mm_token_type_ids = (ids == self.adapter.image_token_id).int()
-        pos = self.adapter.prompt_positions(ids, mask, mm_token_type_ids.to(dev),
-                                            image_grid_thw.to(dev) if image_grid_thw is not None else None)
-        pos = torch.gather(pos.to(dev), 2, order[None].expand(3, -1, -1))
-        valid = slot < lens[:, None]
-        top = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2))  # (B,) max prompt position
-        offset = top + 1 - lens
-        return pos, offset
-
-    def _next_positions(self, cache, offset, chunk):
-        """(3, B, C) positions for the next ``chunk`` appended tokens: next text positions on all axes."""
-        p = cache.slots(chunk) + offset[:, None]
-        return p[None].expand(3, -1, -1)
 
 
 def _now(dev) -> float:
