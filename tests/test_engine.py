@@ -133,3 +133,39 @@ def test_sampling_is_reproducible(vlm_qwen2):
     greedy = gen.generate(**batch, max_new_tokens=12, eos_token_id=[]).sequences
     top1 = gen.generate(**batch, max_new_tokens=12, do_sample=True, top_k=1, seed=5, eos_token_id=[]).sequences
     assert torch.equal(greedy, top1), "top_k=1 sampling must equal greedy decoding"
+
+
+def test_latent_hook_intervenes_and_latents_are_returned(vlm_qwen2):
+    """Zeroing h_t through the hook equals the published loop with the same intervention (independent check)."""
+    cfg = LatentConfig(num_latent_steps=2, num_selected_patches=4)
+    batch, pieces = make_batch(ROWS, seed=13)
+    gen = LatentGenerator(vlm_qwen2, cfg)
+    plain = gen.generate(**batch, max_new_tokens=6, return_latents=True)
+    assert plain.latents.shape == (3, 2, 5, vlm_qwen2.config.text_config.hidden_size)
+    # the returned z part is exactly the selected image embeddings of the row
+    ids, pv, thw = pieces[0]
+    feats = torch.cat(list(vlm_qwen2.model.get_image_features(pv, thw, return_dict=True).pooler_output))
+    torch.testing.assert_close(plain.latents[0, 0, :4], feats[plain.selected[0, 0]])
+
+    def zero_hidden(t, block):
+        block[:, -1] = 0
+
+    hooked = gen.generate(**batch, max_new_tokens=6, latent_hook=zero_hidden)
+    assert not torch.equal(hooked.sequences, plain.sequences)
+    # reference: the published loop with h_t replaced by zeros (monkeypatched last hidden state)
+    import benchmarks.baselines as bl
+    real_run = bl._run
+
+    def run_zero_h(model, embeds, pos, want_attn):
+        out = real_run(model, embeds, pos, want_attn)
+        if want_attn:  # only latent passes ask for attentions when K > 0
+            out.last_hidden_state = out.last_hidden_state.clone()
+            out.last_hidden_state[0, -1] = 0
+        return out
+
+    bl._run = run_zero_h
+    try:
+        ref = _reference(vlm_qwen2, pieces, cfg, 6)
+    finally:
+        bl._run = real_run
+    _check_rows(hooked, *ref)

@@ -40,6 +40,7 @@ class GenerationStats:
 class GenerationOutput:
     sequences: torch.Tensor        # (B, T) new tokens only; rows that stopped at EOS are padded after it
     selected: torch.Tensor         # (B, N, K) chosen image-token indices per latent step
+    latents: torch.Tensor | None = None  # (B, N, K+1, h) each latent step's input block, if return_latents
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
@@ -101,9 +102,15 @@ class LatentGenerator:
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 eos_token_id=None, pad_token_id: int | None = None) -> GenerationOutput:
+                 eos_token_id=None, pad_token_id: int | None = None, latent_hook=None,
+                 return_latents: bool = False) -> GenerationOutput:
         """Generate for a batch of prompts. Shapes: input_ids/attention_mask/mm_token_type_ids (B, S);
-        pixel_values (num_patches, C*T*P*P) and image_grid_thw (num_images, 3) as the processor returns."""
+        pixel_values (num_patches, C*T*P*P) and image_grid_thw (num_images, 3) as the processor returns.
+
+        ``latent_hook(t, block)`` (analysis / interventions): called with the 0-based latent step and its input
+        block (B, K+1, h) = [z_t; h_t] before it is fed; may modify it in place or return a replacement.
+        ``return_latents`` keeps every step's (possibly modified) block in ``out.latents`` (B, N, K+1, h).
+        """
         cfg = self.config
         prompt_trigger = cfg.trigger == "prompt"
         N = cfg.num_latent_steps if prompt_trigger else 0
@@ -146,6 +153,7 @@ class LatentGenerator:
 
         # -- latent segment (trigger="prompt") ------------------------------------------------------------
         selected = torch.empty(B, N, K, dtype=torch.long, device=dev)
+        kept = []
         if N > 0:
             available = image_slots >= 0
             buf = torch.empty(B, K + 1, embeds.shape[-1], dtype=dtype, device=dev)
@@ -155,6 +163,11 @@ class LatentGenerator:
                 idx = ops.select_and_feedback(scores, available, image_embeds, h_last, K, buf, backend=cfg.backend)
                 selected[:, t] = idx
                 chunk = buf
+                if latent_hook is not None:
+                    replaced = latent_hook(t, buf)
+                    chunk = buf if replaced is None else replaced
+                if return_latents:
+                    kept.append(chunk.clone())
                 if t == N - 1 and use_end:
                     chunk = torch.cat([buf, end_embed.expand(B, 1, -1)], 1)
                 last_step = t == N - 1  # the last step's scores would choose nothing
@@ -173,7 +186,8 @@ class LatentGenerator:
         else:
             seqs = self._decode_token_trigger(h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats)
         stats.decode_s = _now(dev) - t2
-        return GenerationOutput(sequences=seqs, selected=selected, stats=stats)
+        latents = torch.stack(kept, 1) if kept else None
+        return GenerationOutput(sequences=seqs, selected=selected, latents=latents, stats=stats)
 
     # ------------------------------------------------------------------------------------------------
     def _decode_text(self, h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats):
