@@ -112,3 +112,40 @@ def test_labels_mask_prompt_and_latents(model64):
         same = latent_forward(runner, adapter, **batch, target_ids=tgt2, target_mask=tmask, num_latent_steps=3,
                               num_selected_patches=4, start_marker_id=START_MARKER, end_marker_id=END_MARKER)
         assert torch.equal(out.ce_sum, same.ce_sum)
+
+
+def test_gradient_checkpointing_gives_same_gradients(model64):
+    batch, _ = make_batch(ROWS, seed=4)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    tgt, tmask = _targets([3, 5, 2], seed=2)
+    adapter = adapter_for(model64)
+    grads, selected = [], []
+    for ckpt in (False, True):
+        runner = DecoderRunner(adapter.decoder_weights())
+        runner.gradient_checkpointing = ckpt
+        model64.zero_grad()
+        out = latent_forward(runner, adapter, **batch, target_ids=tgt, target_mask=tmask, num_latent_steps=3,
+                             num_selected_patches=4, start_marker_id=START_MARKER, end_marker_id=END_MARKER)
+        out.loss.backward()
+        grads.append(_grads(model64))
+        selected.append(out.selected)
+    assert torch.equal(selected[0], selected[1])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_lora_training_forward_reaches_adapters():
+    peft = pytest.importorskip("peft")
+    model = tiny_vlm("qwen2_vl", seed=6).train()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    adapter = adapter_for(lora)
+    runner = DecoderRunner(adapter.decoder_weights())
+    batch, _ = make_batch(ROWS, seed=4)
+    tgt, tmask = _targets([3, 5, 2], seed=2)
+    out = latent_forward(runner, adapter, **batch, target_ids=tgt, target_mask=tmask, num_latent_steps=2,
+                         num_selected_patches=4)
+    out.loss.backward()
+    lora_grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert all(p.grad is None for n, p in lora.named_parameters() if "lora_" not in n)

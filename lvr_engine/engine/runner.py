@@ -46,6 +46,7 @@ class DecoderRunner:
         self.backend = backend
         self.scale = weights.head_dim ** -0.5
         self._fused = None  # (ptrs, qkv list, gate_up list) — rebuilt if the model's storage moved
+        self.gradient_checkpointing = False  # training: recompute each layer in backward
 
     # -- weights ------------------------------------------------------------------------------
     def _fused_weights(self):
@@ -128,10 +129,10 @@ class DecoderRunner:
         if torch.is_grad_enabled():
             ar = torch.arange(cache.max_len, device=embeds.device)
             mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,S)
-        ctx = _StepContext("chunk", cache.lens, new_lens, image_slots if want else None, scores if want else None,
+        ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None, scores if want else None,
                            mask=mask, slots=slots)
         x = self._layers(embeds, positions, cache, ctx)
-        cache.lens = new_lens
+        cache.lens.add_(C)  # in place: a captured CUDA graph keeps reading the same tensor
         cache.filled += C
         return self.final_norm(x)
 
@@ -141,8 +142,31 @@ class DecoderRunner:
     def _layers(self, x, positions, cache, ctx):
         cos, sin = self.rotary(positions, x.dtype)
         for i in range(len(self.w.layers)):
-            x = self._layer(i, x, cos, sin, cache, ctx)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._checkpointed_layer(i, x, cos, sin, cache, ctx)
+            else:
+                x = self._layer(i, x, cos, sin, cache, ctx)
         return x
+
+    def _checkpointed_layer(self, i, x, cos, sin, cache, ctx):
+        """Recompute layer i in backward. The layer's cache write is made a pure function of the cache it
+        started from, so the recomputation sees the same inputs as the forward did."""
+        def run(x, k_prev, v_prev):
+            cache.k[i], cache.v[i] = k_prev, v_prev
+            y = self._layer(i, x, cos, sin, cache, ctx.without_scores() if replaying[0] else ctx)
+            return y, cache.k[i], cache.v[i]
+
+        replaying = [False]
+        k0, v0 = cache.layer(i)
+        from torch.utils.checkpoint import checkpoint
+
+        def run_once_then_replay(*a):
+            out = run(*a)
+            replaying[0] = True  # later calls are backward recomputations: do not add scores twice
+            return out
+
+        y, cache.k[i], cache.v[i] = checkpoint(run_once_then_replay, x, k0, v0, use_reentrant=False)
+        return y
 
     def _layer(self, i, x, cos, sin, cache, ctx):
         """One decoder layer on our fused weights. x (B,C,h); cos/sin (B,C,1,D)."""
@@ -211,6 +235,9 @@ class _StepContext:
     scores: torch.Tensor | None    # (B,I) float32 accumulator, or None when no selection follows
     mask: torch.Tensor | None      # bool attention mask for SDPA (prefill, or chunk under autograd)
     slots: torch.Tensor | None     # (B,C) cache slots of the chunk
+
+    def without_scores(self) -> "_StepContext":
+        return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots)
 
 
 def _fuse(linears: list[nn.Linear]):
