@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: fp32 for half precisions and fp32, fp64 kept as fp64 (ground-truth checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _kv_head_of(num_heads: int, num_kv_heads: int, device) -> torch.Tensor:
     """Index of the KV head that query head h reads (grouped-query attention, repeat_kv order)."""
     if num_heads % num_kv_heads:
@@ -27,12 +32,12 @@ def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None)
     B, H, D = q.shape
     S = k.shape[2]
     kh = _kv_head_of(H, k.shape[1], q.device)
-    logits = torch.einsum("bhd,bhsd->bhs", q.float(), k[:, kh].float()) * scale  # (B,H,S)
+    logits = torch.einsum("bhd,bhsd->bhs", _acc(q), _acc(k[:, kh])) * scale  # (B,H,S)
     valid = torch.arange(S, device=q.device)[None, :] < seq_lens.to(q.device).long()[:, None]  # (B,S)
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     if lse is None:
         lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse.float()[..., None]).sum(dim=1)  # (B,S) summed over heads
+    probs = torch.exp(logits - lse.to(logits.dtype)[..., None]).sum(dim=1)  # (B,S) summed over heads
     slots = image_slots.long()
     gathered = torch.gather(probs, 1, slots.clamp(min=0))
     scores += torch.where(slots >= 0, gathered, torch.zeros_like(gathered)).to(scores.dtype)
@@ -41,7 +46,7 @@ def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None)
 
 def topk_ascending(scores, available, k):
     """(B,k) int64: indices of the k largest ``scores`` among ``available``, ascending; ties -> lower index."""
-    masked = scores.float().masked_fill(~available, float("-inf"))
+    masked = _acc(scores).masked_fill(~available, float("-inf"))
     # A stable descending sort keeps equal scores in index order, so the lower index wins ties.
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :k]
     return torch.sort(order, dim=-1).values
@@ -79,9 +84,9 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     B, C, H, D = q.shape
     S = k_cache.shape[2]
     kh = _kv_head_of(H, k_cache.shape[1], q.device)
-    kk = k_cache[:, kh].float()  # (B,H,S,D)
-    vv = v_cache[:, kh].float()
-    logits = torch.einsum("bchd,bhsd->bhcs", q.float(), kk) * scale  # (B,H,C,S)
+    kk = _acc(k_cache[:, kh])  # (B,H,S,D)
+    vv = _acc(v_cache[:, kh])
+    logits = torch.einsum("bchd,bhsd->bhcs", _acc(q), kk) * scale  # (B,H,C,S)
     lens = seq_lens.to(q.device).long()
     qslot = lens[:, None] - C + torch.arange(C, device=q.device)[None, :]  # (B,C)
     visible = torch.arange(S, device=q.device)[None, None, :] <= qslot[:, :, None]  # (B,C,S)

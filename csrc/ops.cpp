@@ -1,0 +1,661 @@
+// CPU kernels of the latent-step ops (see lvr_engine/ops/reference.py for the semantics) and the
+// torch.library schema shared with the CUDA kernels in ops_cuda.cu.
+//
+// Layout conventions (element strides, last dim contiguous):
+//   q (B,H,D) / (B,C,H,D), k/v cache (B,Hkv,S,D), seq_lens (B) int32/int64,
+//   image_slots (B,I) int32/int64 with -1 = pad, scores (B,I) float32.
+// All arithmetic is fp32 whatever the storage dtype (fp32 / bf16 / fp16).
+//
+// Work split: one task per (row b, kv head, slice of that kv head's query heads). Tasks of one KV
+// group convert each K/V block to fp32 once and reuse it for every query row of the group (GQA), so
+// the cache is read once per task. The last query's image-slot probabilities are written to a
+// per-task partial buffer and reduced in a fixed order afterwards, so results are deterministic.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+// The hot loops are plain C++ written so GCC/Clang auto-vectorise them. We may not use
+// -march=native (wheels run on other CPUs), so on x86-64 the hot functions are cloned for
+// AVX2+FMA and AVX-512 and picked at load time (ifunc); everything else stays baseline x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define LVR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LVR_CLONES
+#endif
+
+namespace lvr_engine {
+namespace {
+
+constexpr int kBlockKeys = 32;  // keys per block: one row of logits stays in a few vector registers
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) {
+  // bf16 is the top half of an fp32; the shift is exact and vectorises (c10's operator may not).
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_f(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_f(float x) {
+  return static_cast<T>(x);
+}
+
+// exp for x <= ~88 with ~2 ulp error, branch-free so loops over it vectorise (libm's expf only
+// vectorises under -ffast-math, which we do not want for the rest of the code).
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return p * s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectorised building blocks (fp32 only; callers convert storage dtypes into fp32 scratch first).
+
+// 8-float vectors via GCC vector extensions: each target clone lowers them to its own registers
+// (two SSE ops on baseline x86-64, one AVX op on v3/v4), so no intrinsics per ISA are needed.
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+inline v8 ld8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void st8(float* p, v8 x) { *reinterpret_cast<v8u*>(p) = x; }
+
+// S[r][s] = sum_d Q[r][d] * Kt[d][s] for r < rows, s < kBlockKeys. Kt is the transposed key block,
+// so the inner loop runs over keys and needs no horizontal sums. A 4-row x 16-key tile keeps 8
+// accumulators in registers and reuses each Kt load for four rows.
+static_assert(kBlockKeys % 16 == 0, "qk_block tiles keys by 16");
+LVR_CLONES
+void qk_block(const float* __restrict Q, const float* __restrict Kt, float* __restrict S, int rows,
+              int D) {
+  for (int h = 0; h < kBlockKeys; h += 16) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const float* q0 = Q + static_cast<int64_t>(r) * D;
+      const float *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+      v8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+      for (int d = 0; d < D; ++d) {
+        const float* kd = Kt + static_cast<int64_t>(d) * kBlockKeys + h;
+        const v8 k0 = ld8(kd), k1 = ld8(kd + 8);
+        a00 += q0[d] * k0; a01 += q0[d] * k1;
+        a10 += q1[d] * k0; a11 += q1[d] * k1;
+        a20 += q2[d] * k0; a21 += q2[d] * k1;
+        a30 += q3[d] * k0; a31 += q3[d] * k1;
+      }
+      float* s0 = S + static_cast<int64_t>(r) * kBlockKeys + h;
+      st8(s0, a00); st8(s0 + 8, a01);
+      st8(s0 + kBlockKeys, a10); st8(s0 + kBlockKeys + 8, a11);
+      st8(s0 + 2 * kBlockKeys, a20); st8(s0 + 2 * kBlockKeys + 8, a21);
+      st8(s0 + 3 * kBlockKeys, a30); st8(s0 + 3 * kBlockKeys + 8, a31);
+    }
+    for (; r < rows; ++r) {
+      const float* q0 = Q + static_cast<int64_t>(r) * D;
+      v8 a00 = {}, a01 = {};
+      for (int d = 0; d < D; ++d) {
+        const float* kd = Kt + static_cast<int64_t>(d) * kBlockKeys + h;
+        a00 += q0[d] * ld8(kd);
+        a01 += q0[d] * ld8(kd + 8);
+      }
+      float* s0 = S + static_cast<int64_t>(r) * kBlockKeys + h;
+      st8(s0, a00); st8(s0 + 8, a01);
+    }
+  }
+}
+
+// p[s] = exp(x[s] - m) for s < n; returns sum_s p[s].
+LVR_CLONES
+float exp_sub_sum(const float* __restrict x, float* __restrict p, int n, float m) {
+  float lanes[16] = {0.f};  // independent partial sums: vectorises without -ffast-math
+  int s = 0;
+  for (; s + 16 <= n; s += 16)
+    for (int j = 0; j < 16; ++j) {
+      const float e = exp_approx(x[s + j] - m);
+      p[s + j] = e;
+      lanes[j] += e;
+    }
+  float tail = 0.f;
+  for (; s < n; ++s) {
+    p[s] = exp_approx(x[s] - m);
+    tail += p[s];
+  }
+  float total = tail;
+  for (int j = 0; j < 16; ++j) total += lanes[j];
+  return total;
+}
+
+// acc[d] = acc[d] * alpha + sum_{s<n} p[s] * V[s][d]; V rows are ldv floats apart. The D axis is
+// walked in 32-wide strips so each strip of acc lives in four registers across the key loop.
+LVR_CLONES
+void pv_accumulate(float* __restrict acc, float alpha, const float* __restrict p,
+                   const float* __restrict V, int64_t ldv, int n, int D) {
+  int d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) {
+    v8 a0 = ld8(acc + d0) * alpha, a1 = ld8(acc + d0 + 8) * alpha;
+    v8 a2 = ld8(acc + d0 + 16) * alpha, a3 = ld8(acc + d0 + 24) * alpha;
+    for (int s = 0; s < n; ++s) {
+      const float ps = p[s];
+      const float* vs = V + s * ldv + d0;
+      a0 += ps * ld8(vs); a1 += ps * ld8(vs + 8);
+      a2 += ps * ld8(vs + 16); a3 += ps * ld8(vs + 24);
+    }
+    st8(acc + d0, a0); st8(acc + d0 + 8, a1); st8(acc + d0 + 16, a2); st8(acc + d0 + 24, a3);
+  }
+  if (d0 < D) {
+    const int rem = D - d0;
+    for (int j = 0; j < rem; ++j) acc[d0 + j] *= alpha;
+    for (int s = 0; s < n; ++s) {
+      const float ps = p[s];
+      const float* vs = V + s * ldv + d0;
+      for (int j = 0; j < rem; ++j) acc[d0 + j] += ps * vs[j];
+    }
+  }
+}
+
+LVR_CLONES
+float dot(const float* __restrict a, const float* __restrict b, int D) {
+  float lanes[16] = {0.f};
+  int d = 0;
+  for (; d + 16 <= D; d += 16)
+    for (int j = 0; j < 16; ++j) lanes[j] += a[d + j] * b[d + j];
+  float total = 0.f;
+  for (; d < D; ++d) total += a[d] * b[d];
+  for (int j = 0; j < 16; ++j) total += lanes[j];
+  return total;
+}
+
+template <typename T>
+void convert_row(const T* __restrict src, float* __restrict dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+
+// Kt[d][s] = K[s0 + s][d] as fp32 for s < n; columns n..kBlockKeys-1 are zeroed so qk_block can
+// always run full width without reading garbage.
+template <typename T>
+void load_kt(const T* __restrict K, int64_t lds, int n, int D, float* __restrict Kt) {
+  for (int s = 0; s < n; ++s) {
+    const T* ks = K + s * lds;
+    for (int d = 0; d < D; ++d) Kt[static_cast<int64_t>(d) * kBlockKeys + s] = to_f(ks[d]);
+  }
+  if (n < kBlockKeys)
+    for (int d = 0; d < D; ++d)
+      std::fill(Kt + static_cast<int64_t>(d) * kBlockKeys + n, Kt + static_cast<int64_t>(d + 1) * kBlockKeys, 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument reading helpers.
+
+inline int64_t read_index(const at::Tensor& t, const void* base, int64_t offset) {
+  return t.scalar_type() == at::kInt ? static_cast<const int32_t*>(base)[offset]
+                                     : static_cast<const int64_t*>(base)[offset];
+}
+
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, name,
+              " must be float32, bfloat16 or float16, got ", st);
+}
+
+void check_index_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
+              " must be int32 or int64, got ", t.scalar_type());
+}
+
+// Last dim contiguous (the kernels read rows with unit stride); other dims may be strided, so
+// slices of a static KV cache are used without a copy.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+// Work split over (b, kv head, head slice): enough tasks to keep every thread busy even for B=1.
+int head_splits(int64_t B, int64_t Hkv, int64_t G) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t groups = std::max<int64_t>(1, B * Hkv);
+  const int64_t want = (threads + groups - 1) / groups;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(G, want)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Core: attention of rows = C chunk queries x nh query heads (one KV head) over one cache row.
+
+struct GroupArgs {
+  int64_t L;       // valid keys of the row
+  int C;           // chunk length; query c sits at slot L - C + c
+  int nh;          // query heads in this task (all read the same KV head)
+  int D;
+  float scale;
+  // q element (c, j, d) at q + c*sq_c + j*sq_h + d
+  int64_t sq_c, sq_h;
+  int64_t sk, sv;  // key / value slot strides
+  // out element (c, j, d) at out + c*so_c + j*so_h + d (only when with_v)
+  int64_t so_c, so_h;
+};
+
+struct Workspace {
+  std::vector<float> q, kt, vf, s, p, acc, m, l, last;
+  void reserve(int rows, int D, int64_t L, int nh) {
+    q.resize(static_cast<size_t>(rows) * D);
+    kt.resize(static_cast<size_t>(D) * kBlockKeys);
+    vf.resize(static_cast<size_t>(kBlockKeys) * D);
+    s.resize(static_cast<size_t>(rows) * kBlockKeys);
+    p.resize(kBlockKeys);
+    acc.resize(static_cast<size_t>(rows) * D);
+    m.resize(rows);
+    l.resize(rows);
+    last.resize(static_cast<size_t>(nh) * std::max<int64_t>(L, 1));
+  }
+};
+
+// Flash-style pass over the cache row in kBlockKeys blocks with an online softmax per query row.
+// Rows are ordered r = c * nh + j. When last_probs is given, the raw logits of the last query
+// (c = C-1) are kept for the whole row and turned into probabilities with the final normaliser,
+// which makes the image-slot probabilities exact (no per-block rescaling error).
+// Writes out (if WITH_V) and, for each head j, last_probs-ready data via ws.last / ws.m / ws.l.
+template <typename T, bool WITH_V>
+void attend_group(const T* q, const T* k, const T* v, T* out, const GroupArgs& a, bool keep_last,
+                  Workspace& ws) {
+  const int C = a.C, nh = a.nh, D = a.D;
+  const int rows = C * nh;
+  const int64_t L = a.L;
+  const int64_t first_q_slot = L - C;  // slot of query c = first_q_slot + c
+  ws.reserve(rows, D, L, nh);
+  float* Q = ws.q.data();
+  for (int c = 0; c < C; ++c)
+    for (int j = 0; j < nh; ++j) {
+      float* dst = Q + static_cast<int64_t>(c * nh + j) * D;
+      convert_row(q + c * a.sq_c + j * a.sq_h, dst, D);
+      for (int d = 0; d < D; ++d) dst[d] *= a.scale;
+    }
+  float* M = ws.m.data();
+  float* Lsum = ws.l.data();
+  float* acc = ws.acc.data();
+  std::fill(M, M + rows, -std::numeric_limits<float>::infinity());
+  std::fill(Lsum, Lsum + rows, 0.f);
+  if (WITH_V) std::fill(acc, acc + static_cast<int64_t>(rows) * D, 0.f);
+
+  for (int64_t s0 = 0; s0 < L; s0 += kBlockKeys) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBlockKeys, L - s0));
+    // Queries before this block's first key see none of it; causal order makes them a prefix in c.
+    const int c_begin = static_cast<int>(std::max<int64_t>(0, s0 - first_q_slot));
+    const int r_begin = c_begin * nh;
+    load_kt(k + s0 * a.sk, a.sk, nb, D, ws.kt.data());
+    qk_block(Q + static_cast<int64_t>(r_begin) * D, ws.kt.data(),
+             ws.s.data() + static_cast<int64_t>(r_begin) * kBlockKeys, rows - r_begin, D);
+    const float* Vb = nullptr;
+    int64_t ldv = D;
+    if (WITH_V) {
+      if constexpr (std::is_same_v<T, float>) {
+        Vb = v + s0 * a.sv;
+        ldv = a.sv;
+      } else {
+        for (int s = 0; s < nb; ++s) convert_row(v + (s0 + s) * a.sv, ws.vf.data() + static_cast<int64_t>(s) * D, D);
+        Vb = ws.vf.data();
+      }
+    }
+    for (int c = c_begin; c < C; ++c) {
+      // Keys s0 .. first_q_slot + c are visible to query c.
+      const int nvis = static_cast<int>(std::min<int64_t>(nb, first_q_slot + c - s0 + 1));
+      for (int j = 0; j < nh; ++j) {
+        const int r = c * nh + j;
+        const float* srow = ws.s.data() + static_cast<int64_t>(r) * kBlockKeys;
+        if (keep_last && c == C - 1)
+          std::memcpy(ws.last.data() + j * L + s0, srow, sizeof(float) * nb);
+        float bmax = srow[0];
+        for (int s = 1; s < nvis; ++s) bmax = std::max(bmax, srow[s]);
+        const float m_new = std::max(M[r], bmax);
+        const float alpha = std::exp(M[r] - m_new);  // exp(-inf) = 0 on the first visible block
+        const float bsum = exp_sub_sum(srow, ws.p.data(), nvis, m_new);
+        Lsum[r] = Lsum[r] * alpha + bsum;
+        M[r] = m_new;
+        if (WITH_V) pv_accumulate(acc + static_cast<int64_t>(r) * D, alpha, ws.p.data(), Vb, ldv, nvis, D);
+      }
+    }
+  }
+  if (WITH_V) {
+    for (int c = 0; c < C; ++c)
+      for (int j = 0; j < nh; ++j) {
+        const int r = c * nh + j;
+        const float inv = 1.f / Lsum[r];
+        const float* ar = acc + static_cast<int64_t>(r) * D;
+        T* o = out + c * a.so_c + j * a.so_h;
+        for (int d = 0; d < D; ++d) o[d] = from_f<T>(ar[d] * inv);
+      }
+  }
+}
+
+// partial[i] += sum_j exp(last[j][slot_i] - lse_j) over the task's heads, for valid slots < L.
+void gather_last_probs(const Workspace& ws, int nh, int C, int64_t L, const at::Tensor& slots,
+                       const void* slots_base, int64_t slot_off, int64_t slot_stride, int64_t I,
+                       float* partial) {
+  for (int j = 0; j < nh; ++j) {
+    const int r = (C - 1) * nh + j;
+    const float lse = ws.m[r] + std::log(ws.l[r]);
+    const float* lg = ws.last.data() + j * L;
+    for (int64_t i = 0; i < I; ++i) {
+      const int64_t slot = read_index(slots, slots_base, slot_off + i * slot_stride);
+      if (slot >= 0 && slot < L) partial[i] += std::exp(lg[slot] - lse);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op 1: image_attention_scores.
+
+template <typename T>
+void image_scores_impl(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& lens,
+                       const at::Tensor& slots, const at::Tensor& scores, double scale,
+                       const c10::optional<at::Tensor>& lse) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), I = slots.size(1);
+  const int64_t G = H / Hkv;
+  const int splits = head_splits(B, Hkv, G);
+  const int64_t per_split = (G + splits - 1) / splits;
+  const int64_t tasks_per_row = Hkv * splits;
+  std::vector<float> partial(static_cast<size_t>(B * tasks_per_row * I), 0.f);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const void* sp = slots.const_data_ptr();
+  const float* lsep = lse ? lse->const_data_ptr<float>() : nullptr;
+  const int64_t lse_s0 = lse ? lse->stride(0) : 0, lse_s1 = lse ? lse->stride(1) : 0;
+
+  at::parallel_for(0, B * tasks_per_row, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws;
+    std::vector<float> qf(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tasks_per_row, kvh = (t % tasks_per_row) / splits, sp_i = t % splits;
+      const int64_t h0 = kvh * G + sp_i * per_split;
+      const int64_t h1 = std::min(kvh * G + G, h0 + per_split);
+      if (h0 >= h1) continue;
+      const int64_t L = lens[b];
+      if (L == 0) continue;  // no keys: nothing to attend to, the row adds nothing
+      float* part = partial.data() + t * I;
+      const T* kb = kp + b * k.stride(0) + kvh * k.stride(1);
+      if (lsep) {
+        // The normaliser is given: only the image slots' logits are needed, not the whole row.
+        for (int64_t h = h0; h < h1; ++h) {
+          convert_row(qp + b * q.stride(0) + h * q.stride(1), qf.data(), static_cast<int>(D));
+          const float lse_h = lsep[b * lse_s0 + h * lse_s1];
+          for (int64_t i = 0; i < I; ++i) {
+            const int64_t slot = read_index(slots, sp, b * slots.stride(0) + i * slots.stride(1));
+            if (slot < 0 || slot >= L) continue;
+            std::vector<float>& kf = ws.vf;
+            kf.resize(D);
+            convert_row(kb + slot * k.stride(2), kf.data(), static_cast<int>(D));
+            const float logit = dot(qf.data(), kf.data(), static_cast<int>(D)) * static_cast<float>(scale);
+            part[i] += std::exp(logit - lse_h);
+          }
+        }
+        continue;
+      }
+      GroupArgs a{L, 1, static_cast<int>(h1 - h0), static_cast<int>(D), static_cast<float>(scale),
+                  0, q.stride(1), k.stride(2), 0, 0, 0};
+      attend_group<T, false>(qp + b * q.stride(0) + h0 * q.stride(1), kb, nullptr, nullptr, a, true, ws);
+      gather_last_probs(ws, a.nh, 1, L, slots, sp, b * slots.stride(0), slots.stride(1), I, part);
+    }
+  });
+  float* sc = scores.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < tasks_per_row; ++t) {
+      const float* part = partial.data() + (b * tasks_per_row + t) * I;
+      for (int64_t i = 0; i < I; ++i) sc[b * scores.stride(0) + i * scores.stride(1)] += part[i];
+    }
+}
+
+std::vector<int64_t> read_lens(const at::Tensor& seq_lens) {
+  auto l = seq_lens.to(at::kLong).contiguous();
+  const int64_t* p = l.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + l.numel());
+}
+
+void check_scores_args(const at::Tensor& slots, const at::Tensor& scores, int64_t B) {
+  check_index_dtype(slots, "image_slots");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B, "image_slots must be (B,I) with B=", B,
+              ", got ", slots.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, "scores must be float32, got ", scores.scalar_type());
+  TORCH_CHECK(scores.dim() == 2 && scores.sizes() == slots.sizes(), "scores must be (B,I) like image_slots ",
+              slots.sizes(), ", got ", scores.sizes());
+}
+
+void image_attention_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& seq_lens,
+                                const at::Tensor& image_slots, const at::Tensor& scores, double scale,
+                                const c10::optional<at::Tensor>& lse) {
+  TORCH_CHECK(q_in.dim() == 3, "q must be (B,H,D), got ", q_in.sizes());
+  TORCH_CHECK(k_in.dim() == 4, "k must be (B,Hkv,S,D), got ", k_in.sizes());
+  check_float_dtype(q_in, "q");
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), "k dtype ", k_in.scalar_type(), " must match q dtype ",
+              q_in.scalar_type());
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "k must be (B=", B, ",Hkv,S,D=", D, "), got ", k_in.sizes());
+  TORCH_CHECK(k_in.size(1) > 0 && H % k_in.size(1) == 0, "num heads H=", H, " of q must be a multiple of Hkv=",
+              k_in.size(1), " of k");
+  check_index_dtype(seq_lens, "seq_lens");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "seq_lens must be (B=", B, "), got ", seq_lens.sizes());
+  check_scores_args(image_slots, scores, B);
+  if (lse) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat, "lse must be float32, got ", lse->scalar_type());
+    TORCH_CHECK(lse->dim() == 2 && lse->size(0) == B && lse->size(1) == H, "lse must be (B=", B, ",H=", H,
+                "), got ", lse->sizes());
+  }
+  for (const at::Tensor* t : {&q_in, &k_in, &seq_lens, &image_slots, &scores})
+    TORCH_CHECK(t->device().is_cpu(), "image_attention_scores (cpu): all tensors must be on CPU");
+  const auto lens = read_lens(seq_lens);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= k_in.size(2), "seq_lens[", b, "]=", lens[b], " outside [0, S=",
+                k_in.size(2), "]");
+  if (B == 0 || image_slots.size(1) == 0) return;
+  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in);
+  switch (q.scalar_type()) {
+    case at::kFloat: image_scores_impl<float>(q, k, lens, image_slots, scores, scale, lse); break;
+    case at::kBFloat16: image_scores_impl<c10::BFloat16>(q, k, lens, image_slots, scores, scale, lse); break;
+    default: image_scores_impl<c10::Half>(q, k, lens, image_slots, scores, scale, lse); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op 3: chunk_attention_with_scores.
+
+template <typename T>
+void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& lens,
+                const at::Tensor* slots, const at::Tensor* scores, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), C = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t G = H / Hkv;
+  const int64_t I = slots ? slots->size(1) : 0;
+  const bool with_scores = scores != nullptr && I > 0;
+  const int splits = head_splits(B, Hkv, G);
+  const int64_t per_split = (G + splits - 1) / splits;
+  const int64_t tasks_per_row = Hkv * splits;
+  std::vector<float> partial(with_scores ? static_cast<size_t>(B * tasks_per_row * I) : 0, 0.f);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const void* sp = with_scores ? slots->const_data_ptr() : nullptr;
+
+  at::parallel_for(0, B * tasks_per_row, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tasks_per_row, kvh = (t % tasks_per_row) / splits, sp_i = t % splits;
+      const int64_t h0 = kvh * G + sp_i * per_split;
+      const int64_t h1 = std::min(kvh * G + G, h0 + per_split);
+      if (h0 >= h1) continue;
+      const int64_t L = lens[b];
+      GroupArgs a{L, static_cast<int>(C), static_cast<int>(h1 - h0), static_cast<int>(D), static_cast<float>(scale),
+                  q.stride(1), q.stride(2), k.stride(2), v.stride(2), out.stride(1), out.stride(2)};
+      attend_group<T, true>(qp + b * q.stride(0) + h0 * q.stride(2), kp + b * k.stride(0) + kvh * k.stride(1),
+                            vp + b * v.stride(0) + kvh * v.stride(1), op + b * out.stride(0) + h0 * out.stride(2),
+                            a, with_scores, ws);
+      if (with_scores)
+        gather_last_probs(ws, a.nh, a.C, L, *slots, sp, b * slots->stride(0), slots->stride(1), I,
+                          partial.data() + t * I);
+    }
+  });
+  if (with_scores) {
+    float* sc = scores->data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < tasks_per_row; ++t) {
+        const float* part = partial.data() + (b * tasks_per_row + t) * I;
+        for (int64_t i = 0; i < I; ++i) sc[b * scores->stride(0) + i * scores->stride(1)] += part[i];
+      }
+  }
+}
+
+at::Tensor chunk_attention_with_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                           const at::Tensor& seq_lens, const c10::optional<at::Tensor>& image_slots,
+                                           const c10::optional<at::Tensor>& scores, double scale) {
+  TORCH_CHECK(q_in.dim() == 4, "q must be (B,C,H,D), got ", q_in.sizes());
+  TORCH_CHECK(k_in.dim() == 4, "k_cache must be (B,Hkv,S,D), got ", k_in.sizes());
+  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "v_cache must have k_cache's shape ", k_in.sizes(), ", got ",
+              v_in.sizes());
+  check_float_dtype(q_in, "q");
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+              "k_cache/v_cache dtypes (", k_in.scalar_type(), ", ", v_in.scalar_type(), ") must match q dtype ",
+              q_in.scalar_type());
+  const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "k_cache must be (B=", B, ",Hkv,S,D=", D, "), got ",
+              k_in.sizes());
+  TORCH_CHECK(k_in.size(1) > 0 && H % k_in.size(1) == 0, "num heads H=", H, " of q must be a multiple of Hkv=",
+              k_in.size(1), " of k_cache");
+  TORCH_CHECK(C >= 1, "q must hold at least one chunk query (C >= 1), got C=", C);
+  check_index_dtype(seq_lens, "seq_lens");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "seq_lens must be (B=", B, "), got ", seq_lens.sizes());
+  const bool with_scores = scores.has_value() && image_slots.has_value();
+  if (with_scores) check_scores_args(*image_slots, *scores, B);
+  for (const at::Tensor* t : {&q_in, &k_in, &v_in, &seq_lens})
+    TORCH_CHECK(t->device().is_cpu(), "chunk_attention_with_scores (cpu): all tensors must be on CPU");
+  const auto lens = read_lens(seq_lens);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lens[b] >= C && lens[b] <= k_in.size(2), "seq_lens[", b, "]=", lens[b],
+                " must lie in [C=", C, ", S=", k_in.size(2), "]: the cache must already hold the chunk");
+  at::Tensor out = at::empty({B, C, H, D}, q_in.options());
+  if (B == 0) return out;
+  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  const at::Tensor* sc = with_scores ? &*scores : nullptr;
+  const at::Tensor* sl = with_scores ? &*image_slots : nullptr;
+  switch (q.scalar_type()) {
+    case at::kFloat: chunk_impl<float>(q, k, v, lens, sl, sc, scale, out); break;
+    case at::kBFloat16: chunk_impl<c10::BFloat16>(q, k, v, lens, sl, sc, scale, out); break;
+    default: chunk_impl<c10::Half>(q, k, v, lens, sl, sc, scale, out); break;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op 2: select_and_feedback.
+
+at::Tensor select_and_feedback_cpu(const at::Tensor& scores, const at::Tensor& available, const at::Tensor& image_embeds_in,
+                                   const at::Tensor& hidden_in, int64_t k, const at::Tensor& out) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, "scores must be (B,I) float32, got ",
+              scores.sizes(), " ", scores.scalar_type());
+  const int64_t B = scores.size(0), I = scores.size(1);
+  TORCH_CHECK(available.scalar_type() == at::kBool && available.sizes() == scores.sizes(),
+              "available must be (B,I) bool like scores ", scores.sizes(), ", got ", available.sizes(), " ",
+              available.scalar_type());
+  TORCH_CHECK(image_embeds_in.dim() == 3 && image_embeds_in.size(0) == B && image_embeds_in.size(1) == I,
+              "image_embeds must be (B=", B, ",I=", I, ",D), got ", image_embeds_in.sizes());
+  const int64_t D = image_embeds_in.size(2);
+  TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.size(0) == B && hidden_in.size(1) == D, "hidden must be (B=", B,
+              ",D=", D, "), got ", hidden_in.sizes());
+  TORCH_CHECK(k >= 0 && k <= I, "k=", k, " must lie in [0, I=", I, "]");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == k + 1 && out.size(2) == D, "out must be (B=", B,
+              ",k+1=", k + 1, ",D=", D, "), got ", out.sizes());
+  TORCH_CHECK(image_embeds_in.scalar_type() == out.scalar_type(), "image_embeds dtype ",
+              image_embeds_in.scalar_type(), " must match out dtype ", out.scalar_type());
+  TORCH_CHECK(out.stride(2) == 1, "out must have a contiguous last dim (it is written in place)");
+  for (const at::Tensor* t : {&scores, &available, &image_embeds_in, &hidden_in, &out})
+    TORCH_CHECK(t->device().is_cpu(), "select_and_feedback (cpu): all tensors must be on CPU");
+  const at::Tensor embeds = rows_contiguous(image_embeds_in);
+  const at::Tensor hidden = rows_contiguous(hidden_in.to(out.scalar_type()));
+  at::Tensor idx = at::empty({B, k}, scores.options().dtype(at::kLong));
+  const int64_t esz = out.element_size();
+  const float* sp = scores.const_data_ptr<float>();
+  bool* ap = available.data_ptr<bool>();
+  const char* ep = static_cast<const char*>(embeds.const_data_ptr());
+  const char* hp = static_cast<const char*>(hidden.const_data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  int64_t* ip = idx.data_ptr<int64_t>();
+
+  // A row's selection is a few microseconds of work: only fan out when there are many rows.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(I * (k + 1), 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> key(I);
+    std::vector<int64_t> order(I);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t i = 0; i < I; ++i)
+        key[i] = ap[b * available.stride(0) + i * available.stride(1)]
+                     ? sp[b * scores.stride(0) + i * scores.stride(1)]
+                     : -std::numeric_limits<float>::infinity();
+      // Order of torch's stable descending sort: NaN first, then larger, ties by lower index.
+      auto before = [&](int64_t x, int64_t y) {
+        const float kx = key[x], ky = key[y];
+        const bool nx = std::isnan(kx), ny = std::isnan(ky);
+        if (nx != ny) return nx;
+        if (!nx && kx != ky) return kx > ky;
+        return x < y;
+      };
+      std::iota(order.begin(), order.end(), 0);
+      if (k > 0 && k < I) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
+      std::sort(order.begin(), order.begin() + k);
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t i = order[j];
+        ip[b * k + j] = i;
+        ap[b * available.stride(0) + i * available.stride(1)] = false;
+        std::memcpy(op + (b * out.stride(0) + j * out.stride(1)) * esz,
+                    ep + (b * embeds.stride(0) + i * embeds.stride(1)) * esz, D * esz);
+      }
+      std::memcpy(op + (b * out.stride(0) + k * out.stride(1)) * esz, hp + b * hidden.stride(0) * esz, D * esz);
+    }
+  });
+  scores.zero_();
+  return idx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lvr_engine, m) {
+  m.def(
+      "image_attention_scores(Tensor q, Tensor k, Tensor seq_lens, Tensor image_slots, Tensor(a!) scores, "
+      "float scale, Tensor? lse=None) -> ()");
+  m.def(
+      "select_and_feedback(Tensor(a!) scores, Tensor(b!) available, Tensor image_embeds, Tensor hidden, "
+      "int k, Tensor(c!) out) -> Tensor");
+  m.def(
+      "chunk_attention_with_scores(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, "
+      "Tensor? image_slots, Tensor(a!)? scores, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lvr_engine, CPU, m) {
+  m.impl("image_attention_scores", &image_attention_scores_cpu);
+  m.impl("select_and_feedback", &select_and_feedback_cpu);
+  m.impl("chunk_attention_with_scores", &chunk_attention_with_scores_cpu);
+}
+
+}  // namespace lvr_engine
+
+// An importable module so `import lvr_engine._C` loads the library and runs the registrations.
+#include <Python.h>
+static struct PyModuleDef lvr_engine_C_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&lvr_engine_C_module); }

@@ -1,0 +1,58 @@
+"""Compiled C++ backend: thin wrappers over ``torch.ops.lvr_engine.*`` (csrc/ops.cpp).
+
+Importing this module raises ImportError when ``lvr_engine._C`` has not been built, which the
+dispatch reads as "backend unavailable". The fake (meta) kernels registered here give the ops
+shapes without running them, so torch.compile and CUDA-graph capture can trace through them.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (loads the library: registers the schema and CPU/CUDA kernels)
+
+_ops = torch.ops.lvr_engine
+
+__all__ = ["image_attention_scores", "select_and_feedback", "chunk_attention_with_scores"]
+
+
+@torch.library.register_fake("lvr_engine::image_attention_scores")
+def _image_attention_scores_fake(q, k, seq_lens, image_slots, scores, scale, lse=None):
+    return None
+
+
+@torch.library.register_fake("lvr_engine::select_and_feedback")
+def _select_and_feedback_fake(scores, available, image_embeds, hidden, k, out):
+    return scores.new_empty((scores.shape[0], k), dtype=torch.long)
+
+
+@torch.library.register_fake("lvr_engine::chunk_attention_with_scores")
+def _chunk_attention_with_scores_fake(q, k_cache, v_cache, seq_lens, image_slots, scores, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
+    """q (B,H,D), k (B,Hkv,S,D), seq_lens (B,), image_slots (B,I) int (-1 = pad), scores (B,I) float32.
+
+    scores += sum over heads of softmax(scale * q.k over keys [0, seq_lens[b]))[image_slots]; lse (B,H)
+    float32 optional, the log-sum-exp of those logits. Returns scores (updated in place).
+    """
+    _ops.image_attention_scores(q, k, seq_lens, image_slots, scores, float(scale), lse)
+    return scores
+
+
+def select_and_feedback(scores, available, image_embeds, hidden, k, out):
+    """scores (B,I) float32, available (B,I) bool, image_embeds (B,I,D), hidden (B,D), out (B,k+1,D).
+
+    Returns idx (B,k) int64, the ascending top-k of scores among available (lower index wins ties);
+    marks them unavailable, writes out[:, :k] = image_embeds[idx], out[:, k] = hidden, zeroes scores.
+    """
+    return _ops.select_and_feedback(scores, available, image_embeds, hidden, int(k), out)
+
+
+def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale):
+    """q (B,C,H,D), k_cache/v_cache (B,Hkv,S,D) holding the chunk at [seq_lens-C, seq_lens) -> out (B,C,H,D).
+
+    Causal attention of the chunk over each row's cache; if scores (B,I) float32 is given, adds the
+    last query's probabilities on image_slots (B,I) summed over heads, as image_attention_scores.
+    """
+    return _ops.chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, float(scale))
