@@ -9,6 +9,7 @@ import torch
 from ..models import adapter_for
 from .config import LatentConfig
 from .inputs import validate_and_layout
+from .cuda_graphs import GraphedSteps, Workspace, _round_up, bucket_for
 from .kv_cache import StaticKVCache
 from .prompt import next_positions, prepare_prompt
 from .hf_runner import HFModuleRunner
@@ -54,9 +55,12 @@ class LatentGenerator:
     cache and ops) or "auto" (lean where the family has it).
     """
 
-    def __init__(self, model, config: LatentConfig | None = None, processor=None, runner: str = "auto"):
+    def __init__(self, model, config: LatentConfig | None = None, processor=None, runner: str = "auto",
+                 cuda_graphs: bool | str = "auto"):
         if runner not in ("auto", "lean", "hf"):
             raise ValueError(f"runner must be 'auto', 'lean' or 'hf', got {runner!r}")
+        if cuda_graphs not in ("auto", True, False, "emulate"):
+            raise ValueError(f"cuda_graphs must be 'auto', True, False or 'emulate', got {cuda_graphs!r}")
         self.adapter = adapter_for(model)  # TypeError for unsupported classes
         self.model = model
         self.processor = processor
@@ -83,6 +87,13 @@ class LatentGenerator:
         use_lean = runner == "lean" or (runner == "auto" and self.adapter.lean_runner)
         runner_cls = DecoderRunner if use_lean else HFModuleRunner
         self.runner = runner_cls(self.adapter.decoder_weights(), backend=config.backend)
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs is True and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        # "emulate" runs the graph path's static-buffer plumbing without capture (tests on CPU)
+        self.graph_mode = {"auto": "cuda" if on_cuda else None, True: "cuda", False: None,
+                           "emulate": "emulate"}[cuda_graphs]
+        self._workspaces: dict[int, tuple] = {}  # bucket -> (Workspace, GraphedSteps)
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -110,6 +121,7 @@ class LatentGenerator:
         ``latent_hook(t, block)`` (analysis / interventions): called with the 0-based latent step and its input
         block (B, K+1, h) = [z_t; h_t] before it is fed; may modify it in place or return a replacement.
         ``return_latents`` keeps every step's (possibly modified) block in ``out.latents`` (B, N, K+1, h).
+        With CUDA graphs the batch is padded to its bucket with dummy rows; the hook sees them too.
         """
         cfg = self.config
         prompt_trigger = cfg.trigger == "prompt"
@@ -121,6 +133,13 @@ class LatentGenerator:
                                     cpu(image_grid_thw), mm_token_type_ids, max_new_tokens, N, K)
         eos = self._eos_ids(eos_token_id)
         pad_id = self.adapter.pad_token_id if pad_token_id is None else int(pad_token_id)
+        B_real = batch.ids.shape[0]
+        if self.graph_mode is not None and bucket_for(B_real) > B_real:
+            # Graph replays have fixed batch sizes: add one-token dummy rows up to the bucket (dropped at the end).
+            input_ids, attention_mask, mm_token_type_ids = _pad_rows(
+                cpu(input_ids), cpu(attention_mask), mm_token_type_ids, bucket_for(B_real) - B_real, pad_id)
+            batch = validate_and_layout(self.adapter, input_ids, attention_mask, pixel_values, cpu(image_grid_thw),
+                                        mm_token_type_ids, max_new_tokens, 0, 0)
 
         dev, dtype = self.device, self.adapter.dtype
         B = batch.ids.shape[0]
@@ -139,11 +158,16 @@ class LatentGenerator:
         stats.prompt_tokens = int(batch.lens.sum())
         latent_len = N * (K + 1) + (1 if use_end else 0) + (1 if use_start else 0)
         stats.latent_positions = latent_len
-        cache = StaticKVCache(len(self.runner.w.layers), B, self.runner.w.num_kv_heads,
-                              S + latent_len + max_new_tokens, self.runner.w.head_dim, dtype, dev)
+        steps = self._steps(B, S + latent_len + max_new_tokens, image_slots, dtype, dev)
+        cache = steps.cache
+        if steps.image_slots is not None:  # persistent (graph) buffers are wider: pad the per-call tensors
+            image_slots = steps.image_slots
+            image_embeds = torch.nn.functional.pad(image_embeds, (0, 0, 0, image_slots.shape[1] - image_embeds.shape[1]))
+        scores = steps.scores if steps.scores is not None else (
+            torch.zeros(image_slots.shape, dtype=torch.float32, device=dev) if N > 0 else None)
+        steps.bind(image_slots, scores)
 
         # -- prefill --------------------------------------------------------------------------------------
-        scores = torch.zeros(image_slots.shape, dtype=torch.float32, device=dev) if N > 0 else None
         hidden = self.runner.prefill(embeds, positions, lens, cache, image_slots if K > 0 else None,
                                      scores if K > 0 else None)
         h_last = hidden[torch.arange(B, device=dev), lens - 1]
@@ -169,11 +193,10 @@ class LatentGenerator:
                 if return_latents:
                     kept.append(chunk.clone())
                 if t == N - 1 and use_end:
-                    chunk = torch.cat([buf, end_embed.expand(B, 1, -1)], 1)
+                    chunk = torch.cat([chunk, end_embed.expand(B, 1, -1)], 1)
                 last_step = t == N - 1  # the last step's scores would choose nothing
-                want = K > 0 and not last_step
-                hidden = self.runner.step(chunk, next_positions(cache.lens, offset, chunk.shape[1]), cache,
-                                          image_slots if want else None, scores if want else None)
+                hidden = steps.step(chunk, next_positions(cache.lens, offset, chunk.shape[1]),
+                                    K > 0 and not last_step)
                 h_last = hidden[:, -1]
                 stats.forward_passes += 1
         t2 = _now(dev)
@@ -181,19 +204,34 @@ class LatentGenerator:
 
         # -- decoding -------------------------------------------------------------------------------------
         sampler = Sampler(sampling, dev)
-        if prompt_trigger:
-            seqs = self._decode_text(h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats)
-        else:
-            seqs = self._decode_token_trigger(h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats)
+        decode = self._decode_text if prompt_trigger else self._decode_token_trigger
+        seqs = decode(h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real)
         stats.decode_s = _now(dev) - t2
-        latents = torch.stack(kept, 1) if kept else None
-        return GenerationOutput(sequences=seqs, selected=selected, latents=latents, stats=stats)
+        latents = torch.stack(kept, 1)[:B_real] if kept else None
+        stats.batch_size = B_real  # dummy rows of a graph bucket are not questions
+        return GenerationOutput(sequences=seqs[:B_real], selected=selected[:B_real], latents=latents, stats=stats)
+
+    def _steps(self, B, max_len, image_slots, dtype, dev):
+        """The step executor: eager on a per-call cache, or graphed on the bucket's persistent workspace."""
+        if self.graph_mode is None:
+            w = self.runner.w
+            cache = StaticKVCache(len(w.layers), B, w.num_kv_heads, max_len, w.head_dim, dtype, dev)
+            return _EagerSteps(self.runner, cache)
+        ws, graphs = self._workspaces.get(B, (None, None))
+        if ws is None or not ws.fits(max_len, image_slots.shape[1]):
+            # grow in coarse steps so the captured graphs survive most later calls
+            ws = Workspace(self.runner, B, _round_up(max(max_len, ws.max_len if ws else 0), 256),
+                           _round_up(max(image_slots.shape[1], ws.max_images if ws else 0, 1), 64), dtype, dev)
+            graphs = GraphedSteps(self.runner, ws, self.graph_mode)
+            self._workspaces[B] = (ws, graphs)
+        ws.load(image_slots)
+        return _GraphSteps(graphs)
 
     # ------------------------------------------------------------------------------------------------
-    def _decode_text(self, h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats):
+    def _decode_text(self, h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real):
         B, dev = h_last.shape[0], h_last.device
         eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        finished = torch.arange(B, device=dev) >= B_real  # padding rows of a graph bucket never run
         out = []
         logits = self.runner.logits(h_last)
         for t in range(max_new_tokens):
@@ -204,17 +242,17 @@ class LatentGenerator:
             finished |= torch.isin(tok, eos_t)
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
-            hidden = self.runner.step(self.runner.embed(tok)[:, None], next_positions(cache.lens, offset, 1), cache)
+            hidden = steps.step(self.runner.embed(tok)[:, None], next_positions(steps.cache.lens, offset, 1), False)
             stats.forward_passes += 1
             logits = self.runner.logits(hidden[:, -1])
         return torch.stack(out, 1)
 
-    def _decode_token_trigger(self, h_last, cache, offset, max_new_tokens, sampler, eos, pad_id, stats):
+    def _decode_token_trigger(self, h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real):
         """Mirage: rows switch into hidden-state feedback after ``latent_start_id`` and out at ``latent_end_id``."""
         cfg = self.config
         B, dev = h_last.shape[0], h_last.device
         eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        finished = torch.arange(B, device=dev) >= B_real
         latent = torch.zeros(B, dtype=torch.bool, device=dev)   # row is inside a latent segment
         count = torch.zeros(B, dtype=torch.long, device=dev)    # latent steps fed in the current segment
         full = lambda v: torch.full((B,), v, dtype=torch.long, device=dev)  # noqa: E731
@@ -236,7 +274,7 @@ class LatentGenerator:
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
             x = torch.where(feed_hidden[:, None], h_last, self.runner.embed(tok))
-            hidden = self.runner.step(x[:, None], next_positions(cache.lens, offset, 1), cache)
+            hidden = steps.step(x[:, None], next_positions(steps.cache.lens, offset, 1), False)
             stats.forward_passes += 1
             h_last = hidden[:, -1]
             logits = self.runner.logits(h_last)
@@ -247,6 +285,49 @@ class LatentGenerator:
         if eos_token_id is None:
             return self.adapter.eos_token_ids
         return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+
+class _EagerSteps:
+    """Runs each step directly on a per-call cache."""
+
+    image_slots = scores = None
+
+    def __init__(self, runner, cache):
+        self.runner, self.cache = runner, cache
+
+    def bind(self, image_slots, scores):
+        self._slots, self._scores = image_slots, scores
+
+    def step(self, chunk, positions, with_scores):
+        return self.runner.step(chunk, positions, self.cache, self._slots if with_scores else None,
+                                self._scores if with_scores else None)
+
+
+class _GraphSteps:
+    """Runs each step through the bucket's graphs (buffers are the workspace's)."""
+
+    def __init__(self, graphs):
+        self.graphs = graphs
+        self.cache, self.image_slots, self.scores = graphs.ws.cache, graphs.ws.image_slots, graphs.ws.scores
+
+    def bind(self, image_slots, scores):
+        pass  # the workspace's own buffers are what the graphs read
+
+    def step(self, chunk, positions, with_scores):
+        return self.graphs.step(chunk, positions, with_scores)
+
+
+def _pad_rows(input_ids, attention_mask, mm_token_type_ids, extra, pad_id):
+    """Append ``extra`` one-token rows (a single attended pad token, no images) to a batch."""
+    B, S = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    ids = torch.cat([input_ids, torch.full((extra, S), pad_id, dtype=input_ids.dtype)])
+    m = torch.cat([mask, torch.zeros(extra, S, dtype=mask.dtype)])
+    m[B:, 0] = 1
+    mm = None
+    if mm_token_type_ids is not None:
+        mm = torch.cat([mm_token_type_ids.cpu(), torch.zeros(extra, S, dtype=mm_token_type_ids.dtype)])
+    return ids, m, mm
 
 
 def _now(dev) -> float:

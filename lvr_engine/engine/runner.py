@@ -113,7 +113,7 @@ class DecoderRunner:
         ctx = _StepContext("prefill", lens, lens, image_slots if want else None, scores if want else None,
                            mask=mask[:, None], slots=None)
         x = self._layers(embeds, positions, cache, ctx)
-        cache.lens = lens.clone()
+        cache.lens.copy_(lens)  # in place: captured CUDA graphs hold this tensor
         cache.filled = S
         return self.final_norm(x)
 
