@@ -1,6 +1,7 @@
 """LatentGenerator: KV-cached, batched latent decoding with the pinned semantics of DESIGN.md §2."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -98,9 +99,18 @@ class LatentGenerator:
     # ------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, config: LatentConfig | None = None, dtype=None, device=None, runner="auto"):
-        """Load a local checkpoint directory (model + its processor/tokenizer) and build a generator."""
-        from ..models.loading import load_checkpoint
+        """Load a local checkpoint directory (model + its processor/tokenizer) and build a generator.
 
+        With ``config=None`` the latent setup the model was trained with (its ``lvr_config.json``, written by
+        ``lvr train``) is used when present, else the defaults."""
+        from ..models.loading import load_checkpoint, read_lvr_meta
+
+        meta = read_lvr_meta(path) if config is None and os.path.isdir(os.fspath(path)) else None
+        if meta is not None:
+            try:
+                config = LatentConfig(**meta["latent_config"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"corrupt lvr_config.json in {path}: {e}") from e
         model, processor = load_checkpoint(path, dtype=dtype, device=device)
         return cls(model, config, processor=processor, runner=runner)
 

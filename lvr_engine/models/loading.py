@@ -14,6 +14,24 @@ _CLASSES = {
 }
 
 
+# Written by the trainer next to the weights: the LatentConfig fields the model was trained with.
+LVR_CONFIG = "lvr_config.json"
+
+
+def read_lvr_meta(path) -> dict | None:
+    """The checkpoint's ``lvr_config.json`` as a dict (None when absent); ValueError naming a corrupt file."""
+    f = os.path.join(os.fspath(path), LVR_CONFIG)
+    if not os.path.isfile(f):
+        return None
+    try:
+        with open(f) as fh:
+            meta = json.load(fh)
+        meta["latent_config"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt {f}: {e!r}") from e
+    return meta
+
+
 def load_checkpoint(path, dtype=None, device=None):
     """(model, processor_or_tokenizer) from a local directory; clear errors for missing/corrupt files."""
     import transformers

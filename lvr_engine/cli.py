@@ -1,0 +1,366 @@
+"""The ``lvr`` command: train, eval, generate, tiny-model.
+
+Each subcommand is one ``add_<name>(subparsers)`` function that defines its arguments and sets
+``func``; :data:`COMMANDS` registers them, so adding a subcommand is one function + one entry.
+Heavy imports (torch, transformers, accelerate) happen inside the commands, so ``lvr --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+DATASETS = ("m3cot", "scienceqa", "synthetic")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``lvr <cmd>: error: <message>`` with exit status 2."""
+
+
+# -- shared helpers ---------------------------------------------------------------------------------
+def _load_examples(dataset: str, data_dir, split: str, limit: int | None, *, require_image: bool = False,
+                   seed: int = 0, synthetic_size: int = 64):
+    """Examples of ``dataset``: read from ``data_dir`` (m3cot, scienceqa) or generated (synthetic; data_dir
+    ignored, ``limit`` or ``synthetic_size`` examples)."""
+    name = dataset.lower()
+    if name == "synthetic":
+        from .data.synthetic import make_synthetic_dataset
+
+        split = {"validation": "val", "dev": "val"}.get(split, split)
+        return make_synthetic_dataset(limit if limit is not None else synthetic_size, seed, split=split)
+    if name not in DATASETS:
+        raise CLIError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    if not data_dir:
+        raise CLIError(f"--data-dir is required for dataset {dataset!r} (the local copy of its parquet files)")
+    from .data import load_dataset_by_name
+
+    try:
+        ds = load_dataset_by_name(name, data_dir, split, require_image=require_image)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    if limit is not None:
+        return [ds[i] for i in range(min(limit, len(ds)))]
+    return ds
+
+
+def _in_distributed_child() -> bool:
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _strip_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = True
+            continue
+        if a.startswith(name + "="):
+            continue
+        out.append(a)
+    return out
+
+
+# -- lvr train ----------------------------------------------------------------------------------------
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="curriculum training (IVT-LR / Coconut / Mirage) with accelerate",
+                       description="Train a VLM to reason in latent space; checkpoints land in --output.")
+    p.add_argument("--model", required=True, help="local checkpoint directory to start from")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-dir", help="dataset directory (Hugging Face parquet layout); ignored for synthetic")
+    p.add_argument("--split", default="train")
+    p.add_argument("--output", required=True, help="output directory (final model at top level)")
+    p.add_argument("--objective", default="ivtlr", choices=("ivtlr", "coconut", "mirage_stage1", "mirage_stage2"))
+    p.add_argument("--mode", default="cot", choices=("cot", "direct"),
+                   help="direct: fine-tune the no-CoT baseline (answer only)")
+    p.add_argument("--max-stage", type=int, default=3)
+    p.add_argument("--epochs-per-stage", type=int, default=1)
+    p.add_argument("--num-latent-steps", type=int, default=3,
+                   help="cap on latent steps per stage (stage s runs min(s, N)); Mirage: the latent count")
+    p.add_argument("--num-selected-patches", type=int, default=32, help="K image patches per latent step")
+    p.add_argument("--batch-size", type=int, default=4, help="per process")
+    p.add_argument("--num-processes", type=int, default=1, help="DDP processes (accelerate launch)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument("--keep-optimizer", action="store_true", help="do not reset the optimizer at each stage")
+    p.add_argument("--detach-latents", action="store_true", help="no gradient through fed-back hidden states")
+    p.add_argument("--position-mode", default="mrope", choices=("mrope", "arange"))
+    p.add_argument("--no-markers", action="store_true", help="no start/end latent marker tokens")
+    p.add_argument("--template", default="ivtlr")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this side first (IVT-LR: 280)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use the first N training examples")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32)")
+    p.add_argument("--lora-r", type=int, default=0, help="> 0: train a peft LoRA of this rank instead of all weights")
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-target", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    p.add_argument("--stop-after-stage", type=int, default=None, help="stop after this stage's checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def _relaunch(args, argv: list[str]) -> int:
+    """Re-run this ``lvr train`` under ``accelerate launch`` with ``args.num_processes`` processes.
+
+    accelerate's ``--multi_gpu`` launcher is its torch.distributed.run path; on a machine without CUDA each
+    process builds ``Accelerator(cpu=True)`` and joins a gloo group (``--cpu`` would start only one process)."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.num_processes))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(args.num_processes), "--num_machines", "1",
+           "--mixed_precision", "bf16" if args.bf16 else "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "--num_cpu_threads_per_process", threads,
+           "-m", "lvr_engine.cli"] + _strip_option(argv, "--num-processes")
+    return subprocess.call(cmd)
+
+
+def cmd_train(args, argv) -> int:
+    if args.num_processes < 1:
+        raise CLIError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and not _in_distributed_child():
+        return _relaunch(args, argv)
+    if not Path(args.model).is_dir():
+        raise CLIError(f"model directory {args.model} does not exist")
+    from .training.trainer import LoraSettings, TrainConfig, Trainer
+
+    if args.dataset == "synthetic":
+        dataset, data_dir = "synthetic", None
+    else:
+        if not args.data_dir:
+            raise CLIError(f"--data-dir is required for dataset {args.dataset!r}")
+        if not Path(args.data_dir).is_dir():
+            raise CLIError(f"dataset directory {args.data_dir} does not exist")
+        dataset, data_dir = args.dataset, args.data_dir
+    try:
+        cfg = TrainConfig(
+            model=args.model, output_dir=args.output, dataset=dataset, data_dir=data_dir, split=args.split,
+            limit=args.limit, objective=args.objective, mode=args.mode, max_stage=args.max_stage,
+            epochs_per_stage=args.epochs_per_stage, num_latent_steps=args.num_latent_steps,
+            num_selected_patches=args.num_selected_patches, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
+            reset_optimizer_per_stage=not args.keep_optimizer, detach_latents=args.detach_latents,
+            position_mode=args.position_mode, use_markers=not args.no_markers, template=args.template,
+            image_size=args.image_size, seed=args.seed, log_every=args.log_every,
+            gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
+            lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=tuple(args.lora_target))
+            if args.lora_r > 0 else None,
+            stop_after_stage=args.stop_after_stage, progress=not args.no_progress)
+        trainer = Trainer(cfg)
+        try:
+            result = trainer.train(resume=args.resume)
+        finally:
+            trainer.accelerator.end_training()  # destroys the process group under DDP
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    if trainer.is_main:
+        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+        print(f"trained {result.global_step} steps; last loss {last}; "
+              f"{'complete' if result.completed else 'stopped'}; model in {result.output_dir}")
+    return 0
+
+
+# -- lvr eval -----------------------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, autoregressive steps and latency on a benchmark split")
+    p.add_argument("--model", required=True, help="checkpoint directory (an `lvr train` output)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-dir", help="dataset directory; ignored for synthetic")
+    p.add_argument("--split", default="test")
+    p.add_argument("--mode", default="latent", choices=("latent", "cot", "direct"))
+    p.add_argument("--output", help="results JSONL (one line per question)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--judge", default="m3cot", choices=("m3cot", "ivtlr"))
+    p.add_argument("--image-only", choices=("auto", "yes", "no"), default="auto",
+                   help="evaluate only questions with an image (auto: when latent steps select patches)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic test set seed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args, argv) -> int:
+    if not Path(args.model).is_dir():
+        raise CLIError(f"model directory {args.model} does not exist")
+    from .evaluation import evaluate, read_lvr_config
+
+    try:
+        meta = read_lvr_config(args.model)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    lc = (meta or {}).get("latent_config", {})
+    selects = args.mode == "latent" and lc.get("num_latent_steps", 0) > 0 and lc.get("num_selected_patches", 0) > 0
+    image_only = {"yes": True, "no": False, "auto": selects}[args.image_only]
+    examples = _load_examples(args.dataset, args.data_dir, args.split, args.limit, require_image=image_only,
+                              seed=args.seed)
+    if image_only and isinstance(examples, list):
+        examples = [e for e in examples if e.image is not None]
+    out_f = None
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        out_f = open(args.output, "w")
+
+    def write(row):
+        if out_f is not None:
+            out_f.write(json.dumps({k: row[k] for k in ("id", "prediction", "extracted", "answer", "correct",
+                                                       "steps", "ms")}) + "\n")
+            out_f.flush()
+
+    try:
+        res = evaluate(args.model, examples, args.mode, dataset=args.dataset, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, judge=args.judge, progress=not args.no_progress,
+                       on_row=write)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    finally:
+        if out_f is not None:
+            out_f.close()
+    s = res.summary
+    print(f"accuracy: {s['accuracy']:.4f} ({s['correct']}/{s['num_questions']})  mean steps: {s['mean_steps']:.2f}"
+          f"  ms/question: {s['ms_per_question']:.1f}  [mode={s['mode']}, latent steps={s['num_latent_steps']}, "
+          f"K={s['num_selected_patches']}]")
+    return 0
+
+
+# -- lvr tiny-model -----------------------------------------------------------------------------------
+def add_tiny_model(sub) -> None:
+    p = sub.add_parser("tiny-model", help="write a tiny random-init Qwen2-VL checkpoint (tests, CPU demo)")
+    p.add_argument("path")
+    p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl"))
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--vision-embed-dim", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224, help="every image becomes (size/28)^2 tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+
+def cmd_tiny_model(args, argv) -> int:
+    from .models.tiny import write_tiny_model
+
+    try:
+        path = write_tiny_model(args.path, family=args.family, hidden_size=args.hidden_size,
+                                num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                                vision_depth=args.vision_depth, vision_embed_dim=args.vision_embed_dim,
+                                image_size=args.image_size, seed=args.seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote tiny {args.family} checkpoint to {path}")
+    return 0
+
+
+# -- lvr generate -------------------------------------------------------------------------------------
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="answer one image question")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--choices", nargs="+", default=None, help="option texts (lettered A, B, ...)")
+    p.add_argument("--num-latent-steps", type=int, default=None, help="default: as trained (lvr_config.json)")
+    p.add_argument("--num-selected-patches", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--heatmap", default=None, help="write the selected patches over the image to this PNG")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args, argv) -> int:
+    from PIL import Image
+
+    from .data.example import ReasoningExample, to_rgb
+    from .data.prompts import format_prompt
+    from .engine.config import LatentConfig
+    from .engine.generator import LatentGenerator
+    from .evaluation import read_lvr_config
+    from .training.collate import encode_prompts
+
+    if not Path(args.image).is_file():
+        raise CLIError(f"image {args.image} does not exist")
+    try:
+        meta = read_lvr_config(args.model) if Path(args.model).is_dir() else None
+        lc = dict((meta or {}).get("latent_config", {}))
+        if args.num_latent_steps is not None:
+            lc["num_latent_steps"] = args.num_latent_steps
+            lc.setdefault("trigger", "prompt")
+            if lc["trigger"] == "token":
+                raise CLIError("this model switches into latent mode by itself (Mirage); --num-latent-steps does not apply")
+        if args.num_selected_patches is not None:
+            lc["num_selected_patches"] = args.num_selected_patches
+        cfg = LatentConfig(**lc) if lc else LatentConfig(num_latent_steps=0, num_selected_patches=0)
+        gen = LatentGenerator.from_pretrained(args.model, cfg)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    with Image.open(args.image) as im:
+        image = to_rgb(im.copy())
+    ex = ReasoningExample(id="cli", image=image, question=args.question, choices=args.choices or ["-"],
+                          answer="A", answer_index=0, steps=[])
+    template = (meta or {}).get("template", "ivtlr")
+    text = format_prompt(ex, template) if args.choices else args.question  # no options: the question as asked
+    prompt = encode_prompts([ex], gen.processor, template=template, image_size=(meta or {}).get("image_size"),
+                            prompt_texts=[text])
+    try:
+        out = gen.generate(**prompt.model_inputs(), max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    tok = getattr(gen.processor, "tokenizer", gen.processor)
+    print(tok.decode(out.sequences[0].tolist(), skip_special_tokens=True).strip())
+    if args.heatmap:
+        if out.selected.shape[1] == 0 or out.selected.shape[2] == 0:
+            raise CLIError("--heatmap needs latent steps that select patches (num_latent_steps > 0, K > 0)")
+        try:
+            from .analysis.heatmap import draw_selection_heatmap
+        except ImportError as e:
+            raise CLIError(f"--heatmap needs lvr_engine.analysis.heatmap, which cannot be imported: {e}") from None
+
+        thw = prompt.image_grid_thw[0]
+        merge = int(gen.model.config.vision_config.spatial_merge_size)
+        draw_selection_heatmap(image, out.selected[0].cpu(), thw, merge, args.heatmap)
+        print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+# -- registration -------------------------------------------------------------------------------------
+COMMANDS = [add_train, add_eval, add_generate, add_tiny_model]
+"""Subcommand registrations, in help order: each adds its parser and sets ``func(args, argv) -> int``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvr", description="Latent visual reasoning engine")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args, argv) or 0)
+    except CLIError as e:
+        print(f"lvr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
