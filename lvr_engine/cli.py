@@ -337,8 +337,74 @@ def cmd_generate(args, argv) -> int:
     return 0
 
 
+def add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="causal mediation (do the latents matter?) and selection heat maps")
+    p.add_argument("--model", required=True, help="a checkpoint trained with latent steps (lvr_config.json)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=8, help="questions analysed (one batch)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--output", default=None, help="write the report as JSON here")
+    p.add_argument("--heatmaps", default=None, help="directory for per-question selection heat maps")
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args, argv) -> int:
+    from .analysis.heatmap import draw_selection_heatmap
+    from .analysis.mediation import letter_answer, run_mediation
+    from .engine.generator import LatentGenerator
+    from .evaluation import read_lvr_config
+    from .training.collate import encode_prompts
+
+    examples = [ex for ex in _load_examples(args.dataset, args.data_dir, args.split, None, require_image=True)
+                if ex.image is not None][: args.limit]
+    if not examples:
+        raise CLIError(f"no questions with images in {args.dataset} split {args.split!r}")
+    try:
+        meta = read_lvr_config(args.model) if Path(args.model).is_dir() else None
+        if meta is None:
+            raise CLIError(f"{args.model} has no lvr_config.json: analyze needs a model trained with latent steps")
+        gen = LatentGenerator.from_pretrained(args.model)
+        prompt = encode_prompts(examples, gen.processor, template=meta.get("template", "ivtlr"),
+                                image_size=meta.get("image_size"))
+        batch = prompt.model_inputs()
+        report = run_mediation(gen, batch, answer_fn=letter_answer(gen.processor),
+                               max_new_tokens=args.max_new_tokens)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(report.format_table())
+    if args.output:
+        Path(args.output).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"report written to {args.output}")
+    if args.heatmaps and gen.config.num_selected_patches > 0:
+        out = gen.generate(**batch, max_new_tokens=1)
+        merge = int(gen.model.config.vision_config.spatial_merge_size)
+        Path(args.heatmaps).mkdir(parents=True, exist_ok=True)
+        for i, ex in enumerate(examples):
+            path = Path(args.heatmaps) / f"q{i}_{ex.id}.png"
+            draw_selection_heatmap(ex.image, out.selected[i].cpu(), prompt.image_grid_thw[i], merge, path,
+                                   title=ex.question[:80])
+        print(f"heat maps written to {args.heatmaps}/")
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run the benchmark suites (pytest benchmarks/ --benchmark-only)")
+    p.add_argument("pytest_args", nargs="*", help="extra arguments for pytest, e.g. -k engine")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args, argv) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks").is_dir():
+        raise CLIError(f"no benchmarks/ next to the package ({root}); run from a source checkout")
+    cmd = [sys.executable, "-m", "pytest", str(root / "benchmarks"), "--benchmark-only", *args.pytest_args]
+    return subprocess.call(cmd, cwd=root)
+
+
 # -- registration -------------------------------------------------------------------------------------
-COMMANDS = [add_train, add_eval, add_generate, add_tiny_model]
+COMMANDS = [add_train, add_eval, add_generate, add_tiny_model, add_analyze, add_bench]
 """Subcommand registrations, in help order: each adds its parser and sets ``func(args, argv) -> int``."""
 
 
