@@ -305,3 +305,22 @@ class ReasoningDataset(Sequence[ReasoningExample]):
 
     def __repr__(self) -> str:
         return f"ReasoningDataset(name={self.name!r}, split={self.split!r}, rows={len(self)})"
+
+
+def load_split(data_dir, split: str, *, dataset_name: str, name: str, columns: Sequence[str], row_to_example,
+               require_image: bool = False, max_steps: int = 3, cache_dir=None) -> "ReasoningDataset":
+    """Shared loader body: find ``<data_dir>/data/<split>-*.parquet``, check ``columns``, read with ``datasets``,
+    optionally keep only rows with an image, and convert rows lazily with
+    ``row_to_example(row, row_index, split=, base_dir=, max_steps=)``."""
+    import functools
+
+    shards = find_split_shards(data_dir, split, dataset_name)
+    check_columns(shards, columns, dataset_name)
+    ds = read_parquet_split(shards, split, cache_dir)
+    rows = None
+    if require_image:
+        rows = rows_with_image(ds)
+        ds = ds.select(rows)
+    convert = functools.partial(row_to_example, split=split, base_dir=Path(data_dir).expanduser(),
+                                max_steps=max_steps)
+    return ReasoningDataset(ds, convert, name=name, split=split, shards=shards, rows=rows)

@@ -7,21 +7,16 @@ choices (list of str), context, answer (a letter), rationale, split, image (embe
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from .example import (
+    load_split,
     ReasoningDataset,
     ReasoningExample,
-    check_columns,
     decode_image,
-    find_split_shards,
     index_for,
-    read_parquet_split,
-    rows_with_image,
 )
 from .steps import split_rationale
 
@@ -94,14 +89,6 @@ def load_m3cot(
     ``data/`` folder or shards) or ``ValueError`` (missing columns), naming the path and what was
     expected.
     """
-    shards = find_split_shards(data_dir, split, "M3CoT")
-    check_columns(shards, M3COT_COLUMNS, "M3CoT")
-    ds = read_parquet_split(shards, split, cache_dir)
-    rows = None
-    if require_image:
-        rows = rows_with_image(ds)
-        ds = ds.select(rows)
-    convert = functools.partial(
-        m3cot_row_to_example, split=split, base_dir=Path(data_dir).expanduser(), max_steps=max_steps
-    )
-    return ReasoningDataset(ds, convert, name="m3cot", split=split, shards=shards, rows=rows)
+    return load_split(data_dir, split, dataset_name="M3CoT", name="m3cot", columns=M3COT_COLUMNS,
+                      row_to_example=m3cot_row_to_example, require_image=require_image, max_steps=max_steps,
+                      cache_dir=cache_dir)

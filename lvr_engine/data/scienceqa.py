@@ -14,21 +14,16 @@ lecture and solution are empty, the steps here are ``[]``.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from .example import (
+    load_split,
     LETTERS,
     ReasoningDataset,
     ReasoningExample,
-    check_columns,
     decode_image,
-    find_split_shards,
-    read_parquet_split,
-    rows_with_image,
 )
 from .steps import split_rationale
 
@@ -107,14 +102,6 @@ def load_scienceqa(
     ``FileNotFoundError`` (missing directory, ``data/`` folder or shards) or ``ValueError``
     (missing columns), naming the path and what was expected.
     """
-    shards = find_split_shards(data_dir, split, "ScienceQA")
-    check_columns(shards, SCIENCEQA_COLUMNS, "ScienceQA")
-    ds = read_parquet_split(shards, split, cache_dir)
-    rows = None
-    if require_image:
-        rows = rows_with_image(ds)
-        ds = ds.select(rows)
-    convert = functools.partial(
-        scienceqa_row_to_example, split=split, base_dir=Path(data_dir).expanduser(), max_steps=max_steps
-    )
-    return ReasoningDataset(ds, convert, name="scienceqa", split=split, shards=shards, rows=rows)
+    return load_split(data_dir, split, dataset_name="ScienceQA", name="scienceqa", columns=SCIENCEQA_COLUMNS,
+                      row_to_example=scienceqa_row_to_example, require_image=require_image, max_steps=max_steps,
+                      cache_dir=cache_dir)
