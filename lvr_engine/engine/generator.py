@@ -15,6 +15,7 @@ from .kv_cache import StaticKVCache
 from .prompt import next_positions, prepare_prompt
 from .hf_runner import HFModuleRunner
 from .runner import DecoderRunner
+from .weights import auto_compute_dtype
 from .sampler import Sampler, SamplingParams
 from .. import ops
 
@@ -54,10 +55,13 @@ class LatentGenerator:
     ``processor`` (or a tokenizer) is only needed to resolve token names in ``config``;
     ``runner``: "lean" (our decoder loop over the weights), "hf" (the model's own layer modules with our
     cache and ops) or "auto" (lean where the family has it).
+    ``compute_dtype``: "auto" computes in the model's dtype, except fp32 for a bf16/fp16 model on a CPU without
+    native bf16 arithmetic (AVX2-only CPUs emulate bf16 matmuls several times slower than fp32); the lean
+    runner then keeps an fp32 copy of the decoder weights.
     """
 
     def __init__(self, model, config: LatentConfig | None = None, processor=None, runner: str = "auto",
-                 cuda_graphs: bool | str = "auto"):
+                 cuda_graphs: bool | str = "auto", compute_dtype: torch.dtype | str = "auto"):
         if runner not in ("auto", "lean", "hf"):
             raise ValueError(f"runner must be 'auto', 'lean' or 'hf', got {runner!r}")
         if cuda_graphs not in ("auto", True, False, "emulate"):
@@ -86,8 +90,18 @@ class LatentGenerator:
         if runner == "lean" and not self.adapter.lean_runner:
             raise ValueError(f"no lean runner for {type(model).__name__}; use runner='hf' or 'auto'")
         use_lean = runner == "lean" or (runner == "auto" and self.adapter.lean_runner)
-        runner_cls = DecoderRunner if use_lean else HFModuleRunner
-        self.runner = runner_cls(self.adapter.decoder_weights(), backend=config.backend)
+        model_dtype = self.adapter.dtype
+        if compute_dtype == "auto":
+            compute_dtype = auto_compute_dtype(model_dtype, self.device) if use_lean else model_dtype
+        elif not isinstance(compute_dtype, torch.dtype):
+            raise TypeError(f"compute_dtype must be 'auto' or a torch.dtype, got {compute_dtype!r}")
+        elif compute_dtype != model_dtype and not use_lean:
+            raise ValueError("the HF-module runner computes in the model's dtype; compute_dtype needs runner='lean'")
+        if use_lean:
+            self.runner = DecoderRunner(self.adapter.decoder_weights(), backend=config.backend,
+                                        compute_dtype=compute_dtype)
+        else:
+            self.runner = HFModuleRunner(self.adapter.decoder_weights(), backend=config.backend)
         on_cuda = self.device.type == "cuda"
         if cuda_graphs is True and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
@@ -151,7 +165,7 @@ class LatentGenerator:
             batch = validate_and_layout(self.adapter, input_ids, attention_mask, pixel_values, cpu(image_grid_thw),
                                         mm_token_type_ids, max_new_tokens, 0, 0)
 
-        dev, dtype = self.device, self.adapter.dtype
+        dev, dtype = self.device, self.runner.compute_dtype
         B = batch.ids.shape[0]
         stats = GenerationStats(batch_size=B, ops_backend=ops.resolve_backend(cfg.backend, dev.type))
         t0 = _now(dev)

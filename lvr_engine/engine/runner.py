@@ -17,17 +17,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import ops
 from ..models.base import DecoderWeights
+from .weights import compute_weights
 
 
-def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm exactly as HF Qwen2/Llama: normalise in float32, cast back, then scale."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return norm.weight * xf.to(x.dtype)
+    return weight * xf.to(x.dtype)
 
 
 def _rotate_half(x):
@@ -41,51 +41,24 @@ class DecoderRunner:
     positions are (3, B, C) int64 (all three equal for text-only models / arange mode).
     """
 
-    def __init__(self, weights: DecoderWeights, backend: str | None = None):
+    def __init__(self, weights: DecoderWeights, backend: str | None = None, compute_dtype: torch.dtype | None = None):
         self.w = weights
         self.backend = backend
         self.scale = weights.head_dim ** -0.5
-        self._fused = None  # (ptrs, qkv list, gate_up list) — rebuilt if the model's storage moved
+        self.compute_dtype = compute_dtype or weights.embed.weight.dtype
         self.gradient_checkpointing = False  # training: recompute each layer in backward
+        self._mats = None  # ComputeWeights of the current no-grad forward (None: call the HF modules)
 
-    # -- weights ------------------------------------------------------------------------------
-    def _fused_weights(self):
-        """Fused QKV and gate/up projections; the HF parameters become views into them (one copy)."""
-        layers = self.w.layers
-        ptrs = tuple(l.attn.q_proj.weight.data_ptr() for l in layers)
-        if self._fused is not None and self._fused[0] == ptrs:
-            return self._fused[1], self._fused[2]
-        if not all(type(l.attn.q_proj) is nn.Linear and type(l.mlp.gate_proj) is nn.Linear for l in layers):
-            self._fused = (ptrs, None, None)  # adapters (e.g. LoRA) wrap the projections: call modules
-            return None, None
-        qkv, gate_up = [], []
-        for l in layers:
-            qkv.append(_fuse([l.attn.q_proj, l.attn.k_proj, l.attn.v_proj]))
-            gate_up.append(_fuse([l.mlp.gate_proj, l.mlp.up_proj]))
-        ptrs = tuple(l.attn.q_proj.weight.data_ptr() for l in layers)
-        self._fused = (ptrs, qkv, gate_up)
-        return qkv, gate_up
-
-    def _projections(self, i, h):
-        """q (B,C,H*D), k, v (B,C,Hkv*D) of layer i."""
-        attn = self.w.layers[i].attn
-        qkv, _ = (None, None) if torch.is_grad_enabled() else self._fused_weights()
-        if qkv is None:
-            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        W, b = qkv[i]
-        out = F.linear(h, W, b)
-        nq = self.w.num_heads * self.w.head_dim
-        nk = self.w.num_kv_heads * self.w.head_dim
-        return out[..., :nq], out[..., nq:nq + nk], out[..., nq + nk:]
-
-    def _mlp(self, i, h):
-        mlp = self.w.layers[i].mlp
-        _, gate_up = (None, None) if torch.is_grad_enabled() else self._fused_weights()
-        if gate_up is None:
-            return mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        W, b = gate_up[i]
-        g, u = F.linear(h, W, b).chunk(2, dim=-1)
-        return mlp.down_proj(F.silu(g) * u)
+    def _compute_weights(self):
+        """Cached compute-ready weights for inference; None under autograd (train through the modules)."""
+        if torch.is_grad_enabled():
+            if self.compute_dtype != self.w.embed.weight.dtype:
+                raise RuntimeError("training runs in the model's dtype: build the runner without compute_dtype")
+            return None
+        cw = compute_weights(self.w, self.compute_dtype)
+        if cw is None and self.compute_dtype != self.w.embed.weight.dtype:
+            raise RuntimeError("wrapped projections (e.g. LoRA) run in the model's dtype only")
+        return cw
 
     # -- rotary ---------------------------------------------------------------------------------
     def rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,9 +110,10 @@ class DecoderRunner:
         return self.final_norm(x)
 
     def final_norm(self, x):
-        return rms_norm(x, self.w.norm, self.w.rms_eps)
+        return rms_norm(x, self._mats.norm if self._mats is not None else self.w.norm.weight, self.w.rms_eps)
 
     def _layers(self, x, positions, cache, ctx):
+        self._mats = self._compute_weights()
         cos, sin = self.rotary(positions, x.dtype)
         for i in range(len(self.w.layers)):
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -171,18 +145,29 @@ class DecoderRunner:
     def _layer(self, i, x, cos, sin, cache, ctx):
         """One decoder layer on our fused weights. x (B,C,h); cos/sin (B,C,1,D)."""
         lw = self.w.layers[i]
+        m = self._mats.layers[i] if self._mats is not None else None
         B, C, _ = x.shape
         H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        h = rms_norm(x, lw.input_norm, self.w.rms_eps)
-        q, k, v = self._projections(i, h)
+        h = rms_norm(x, m.in_norm if m else lw.input_norm.weight, self.w.rms_eps)
+        if m is not None:
+            nq, nk = H * D, Hkv * D
+            qkv = F.linear(h, m.qkv, m.qkv_b)
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        else:
+            q, k, v = lw.attn.q_proj(h), lw.attn.k_proj(h), lw.attn.v_proj(h)
         q = q.view(B, C, H, D)
         k = k.view(B, C, Hkv, D)
         v = v.view(B, C, Hkv, D)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         o = self.attend(i, q, k, v, cache, ctx)
-        x = x + lw.attn.o_proj(o.reshape(B, C, H * D))
-        return x + self._mlp(i, rms_norm(x, lw.post_norm, self.w.rms_eps))
+        o = o.reshape(B, C, H * D)
+        x = x + (F.linear(o, m.o, m.o_b) if m is not None else lw.attn.o_proj(o))
+        h = rms_norm(x, m.post_norm if m else lw.post_norm.weight, self.w.rms_eps)
+        if m is not None:
+            g, u = F.linear(h, m.gate_up, m.gate_up_b).chunk(2, dim=-1)
+            return x + F.linear(F.silu(g) * u, m.down, m.down_b)
+        return x + lw.mlp.down_proj(F.silu(lw.mlp.gate_proj(h)) * lw.mlp.up_proj(h))
 
     def attend(self, i, q, k, v, cache, ctx):
         """Write layer i's new k, v (B,C,Hkv,D) into the cache and attend with q (B,C,H,D) -> (B,C,H,D).
@@ -218,10 +203,14 @@ class DecoderRunner:
                                                backend=self.backend)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.w.lm_head(hidden)
+        cw = self._compute_weights()
+        if cw is None:
+            return self.w.lm_head(hidden)
+        return F.linear(hidden, cw.lm_head, cw.lm_head_b)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.w.embed(ids)
+        """Token embeddings in the compute dtype."""
+        return self.w.embed(ids).to(self.compute_dtype)
 
 
 @dataclass
@@ -238,21 +227,3 @@ class _StepContext:
 
     def without_scores(self) -> "_StepContext":
         return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots)
-
-
-def _fuse(linears: list[nn.Linear]):
-    """Concatenate the weights (and biases) of ``linears`` and re-point each module at its slice."""
-    W = torch.cat([m.weight.data for m in linears], dim=0)
-    has_bias = any(m.bias is not None for m in linears)
-    b = None
-    if has_bias:
-        b = torch.cat([m.bias.data if m.bias is not None else
-                       torch.zeros(m.out_features, dtype=W.dtype, device=W.device) for m in linears])
-    off = 0
-    for m in linears:
-        n = m.out_features
-        m.weight.data = W[off:off + n]
-        if m.bias is not None:
-            m.bias.data = b[off:off + n]
-        off += n
-    return W, b

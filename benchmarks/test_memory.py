@@ -1,0 +1,148 @@
+"""Peak host memory of one batch-8 'small' bf16 lvr_engine generate, against a paper estimate.
+
+The measurement runs in a fresh subprocess (``python -c "from benchmarks.test_memory import child; child()"``):
+torch, transformers (incl. the Qwen2-VL modeling module), lvr_engine and the inputs are loaded first; then
+``base`` = the process RSS right before the model is built; the model is built directly in bf16, one generate
+call runs (N=3, K=32, 8 answer tokens, batch 8); ``peak`` = ``getrusage(RUSAGE_SELF).ru_maxrss``.
+delta = peak - base must stay within 1.2 x (weights + KV cache + activations) computed on paper.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BATCH = 8
+TOLERANCE = 1.2
+MiB = 2 ** 20
+
+
+def _rss():
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def child():
+    """Runs in the subprocess; prints one JSON line with the measurement and the paper estimate."""
+    import resource
+
+    import torch
+    import transformers  # noqa: F401
+    import transformers.models.qwen2_vl.modeling_qwen2_vl  # noqa: F401  (lazy module: import before `base`)
+
+    import lvr_engine  # noqa: F401
+    from benchmarks.conftest import (ANSWER_TOKENS, K_PATCHES, N_LATENT, build_model, make_inputs,
+                                     model_config)
+    from lvr_engine import LatentConfig, LatentGenerator
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    batch, _ = make_inputs("small-bf16", BATCH)
+    input_bytes = sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor))
+    base = _rss()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    model = build_model("small", torch.bfloat16, init_dtype=torch.bfloat16)
+    after_build = _rss()
+    gen = LatentGenerator(model, LatentConfig(num_latent_steps=N_LATENT, num_selected_patches=K_PATCHES))
+    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
+    phase = {}
+    encode = gen.adapter.encode_images
+
+    def encode_and_mark(*a, **k):  # instance-level wrapper: where in the call the peak happens
+        phase["peak_before_vision"] = maxrss()
+        r = encode(*a, **k)
+        phase["peak_after_vision"], phase["rss_after_vision"] = maxrss(), _rss()
+        return r
+    gen.adapter.encode_images = encode_and_mark
+    out = gen.generate(**batch, max_new_tokens=ANSWER_TOKENS, eos_token_id=[])
+    assert out.sequences.shape == (BATCH, ANSWER_TOKENS)
+    after_generate = _rss()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    # ---- paper estimate --------------------------------------------------------------------------------
+    cfg = model_config("small")
+    tc, vc = cfg.text_config, cfg.vision_config
+    el = 2  # bf16
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    L, H, Hkv, h, I = (tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads, tc.hidden_size,
+                       tc.intermediate_size)
+    D = h // H
+    B, S = batch["input_ids"].shape
+    S_total = S + N_LATENT * (K_PATCHES + 1) + ANSWER_TOKENS
+    kv = L * 2 * B * Hkv * S_total * D * el
+    # prefill, the largest live tensors of one layer: fused gate/up output (B,S,2I) + act*up (B,S,I)
+    # = 3 x B*S*I; residual, normed input, qkv, attention output ~ 4 x B*S*h; the SDPA scores B*H*S*S fp32
+    # if the kernel materialises them (the CPU flash kernel does not: it works in per-thread blocks).
+    mlp_act = 3 * B * S * I * el
+    hid_act = 4 * B * S * h * el
+    sdpa_scores = B * H * S * S * 4
+    prefill_act = mlp_act + hid_act + sdpa_scores
+    # vision tower (HF code, SDPA): bf16 copy of pixel_values (P, 3*2*14*14) and the conv's reordered copy,
+    # or later q/k rotated in fp32 (HF upcasts: ~4 x P*embed*4) + the block MLP (2 x P*embed*mlp_ratio*2)
+    P = int(batch["pixel_values"].shape[0])
+    vision_act = max(2 * P * batch["pixel_values"].shape[1] * el,
+                     4 * P * vc.embed_dim * 4 + 2 * P * vc.embed_dim * vc.mlp_ratio * el)
+    activations = max(prefill_act, vision_act)
+    paper = weights + kv + activations
+    res = dict(batch=B, prompt=S, S_total=S_total, base_rss=base, peak_rss=peak, peak_before_build=peak_before,
+               after_build_rss=after_build, **phase, after_generate_rss=after_generate, delta=peak - base,
+               input_bytes=input_bytes, weights=weights, kv=kv, mlp_act=mlp_act, hid_act=hid_act,
+               sdpa_scores=sdpa_scores, prefill_act=prefill_act, vision_act=vision_act, activations=activations,
+               paper=paper, layers=L, heads=H, kv_heads=Hkv, head_dim=D, hidden=h, intermediate=I,
+               n_params=sum(p.numel() for p in model.parameters()))
+    print("MEMORY_JSON " + json.dumps(res))
+
+
+def _describe(r):
+    m = lambda x: f"{x / MiB:.1f} MiB"  # noqa: E731
+    lines = [
+        f"batch {r['batch']}, prompt {r['prompt']} tokens, S_total = {r['prompt']} + 3*(32+1) + 8 = {r['S_total']}",
+        f"RSS before building the model (torch/transformers/lvr_engine imported, inputs built: "
+        f"{m(r['input_bytes'])}): {m(r['base_rss'])}",
+        f"RSS after build {m(r['after_build_rss'])}, after generate {m(r['after_generate_rss'])}, "
+        f"peak (ru_maxrss) {m(r['peak_rss'])}  ->  delta = {m(r['delta'])}",
+        f"where: peak before the vision tower {m(r['peak_before_vision'] - r['base_rss'])} over base, at its end "
+        f"{m(r['peak_after_vision'] - r['base_rss'])} (RSS then {m(r['rss_after_vision'] - r['base_rss'])}), "
+        f"end of generate {m(r['delta'])}",
+        f"weights: {r['n_params']:,} params x 2 bytes (bf16, vision tower included) = {m(r['weights'])}",
+        f"KV cache: {r['layers']} layers x 2 x B {r['batch']} x Hkv {r['kv_heads']} x S_total {r['S_total']} x "
+        f"D {r['head_dim']} x 2 bytes = {m(r['kv'])}",
+        f"prefill activations: MLP 3 x B*S*I*2 = 3 x {r['batch']}*{r['prompt']}*{r['intermediate']}*2 = "
+        f"{m(r['mlp_act'])}; hidden 4 x B*S*h*2 = {m(r['hid_act'])}; SDPA scores B*H*S*S*4 = "
+        f"{r['batch']}*{r['heads']}*{r['prompt']}^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU flash kernel "
+        f"does not materialise them) -> {m(r['prefill_act'])}",
+        f"vision activations: max(2 x bf16 pixels, fp32 rotary q/k + block MLP) = {m(r['vision_act'])}",
+        f"paper = weights + KV + max(prefill, vision) = {m(r['weights'])} + {m(r['kv'])} + {m(r['activations'])}"
+        f" = {m(r['paper'])};  delta / paper = {r['delta'] / r['paper']:.2f} (limit {TOLERANCE})",
+    ]
+    return lines
+
+
+def test_peak_rss_batch8_bf16(benchmark):
+    from benchmarks.conftest import RESULTS
+
+    def run():
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", "from benchmarks.test_memory import child; child()"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        line = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")][-1]
+        return json.loads(line[len("MEMORY_JSON "):])
+
+    benchmark.group = "memory small-bf16"
+    r = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    lines = _describe(r)
+    print("\n" + "\n".join(lines))
+    benchmark.extra_info.update({k: v for k, v in r.items()})
+    benchmark.extra_info["delta_over_paper"] = r["delta"] / r["paper"]
+    RESULTS["memory"] = dict(r, delta_over_paper=r["delta"] / r["paper"], lines=lines,
+                             summary=f"batch-8 bf16 peak RSS delta {r['delta'] / MiB:.1f} MiB vs paper "
+                                     f"{r['paper'] / MiB:.1f} MiB = {r['delta'] / r['paper']:.2f}x "
+                                     f"(limit {TOLERANCE}x); absolute peak {r['peak_rss'] / MiB:.1f} MiB")
+    assert r["delta"] <= TOLERANCE * r["paper"], "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Compute-ready decoder weights for the lean runner, cached per model and shared by every runner.
+
+In the model's own dtype the QKV and gate/up projections are fused by concatenation and the HF parameters
+are re-pointed to views of the fused tensors, so there is still one copy of every weight. In another compute
+dtype (fp32 for a bf16 model on a CPU without native bf16, where bf16 matmuls are emulated and several
+times slower) the runner holds a converted copy. The cache is validated on every forward by each
+parameter's storage pointer and version counter, so ``model.to(...)`` or an optimizer step is picked up.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.base import DecoderWeights
+
+
+@dataclass
+class LayerMats:
+    qkv: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o: torch.Tensor
+    o_b: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down: torch.Tensor
+    down_b: torch.Tensor | None
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+
+
+@dataclass
+class ComputeWeights:
+    dtype: torch.dtype
+    layers: list[LayerMats]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    lm_head_b: torch.Tensor | None
+
+
+# model (its embedding module) -> {compute dtype: (signature, ComputeWeights)}
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise torch emulates it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        cap = torch.backends.cpu.get_cpu_capability().upper()
+        return "BF16" in cap or "AMX" in cap
+
+
+def auto_compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The model's dtype, except fp32 for half-precision models on CPUs without native bf16 arithmetic."""
+    if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
+        return torch.float32
+    return model_dtype
+
+
+def _params(w: DecoderWeights) -> list[torch.Tensor]:
+    out = []
+    for l in w.layers:
+        for m in (l.attn.q_proj, l.attn.k_proj, l.attn.v_proj, l.attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj,
+                  l.mlp.down_proj):
+            out.append(m.weight)
+            if m.bias is not None:
+                out.append(m.bias)
+        out += [l.input_norm.weight, l.post_norm.weight]
+    out += [w.norm.weight, w.lm_head.weight]
+    return out
+
+
+def _signature(w: DecoderWeights):
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in _params(w))
+
+
+def plain_linears(w: DecoderWeights) -> bool:
+    """False when some projection is wrapped (e.g. peft LoRA): then the runner must call the modules."""
+    return all(type(m) is nn.Linear for l in w.layers for m in (l.attn.q_proj, l.attn.k_proj, l.attn.v_proj,
+               l.attn.o_proj, l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj)) and type(w.lm_head) is nn.Linear
+
+
+def compute_weights(w: DecoderWeights, dtype: torch.dtype) -> ComputeWeights | None:
+    """Cached compute-ready weights in ``dtype`` (None when the projections are wrapped modules)."""
+    if not plain_linears(w):
+        return None
+    per_model = _CACHE.setdefault(w.embed, {})
+    sig = _signature(w)
+    hit = per_model.get(dtype)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    same = w.embed.weight.dtype == dtype
+    conv = (lambda t: t) if same else (lambda t: None if t is None else t.detach().to(dtype).contiguous())
+    layers = []
+    for l in w.layers:
+        if same:  # one copy: fuse and re-point the HF parameters into the fused tensors
+            qkv, qkv_b = _fuse_in_place([l.attn.q_proj, l.attn.k_proj, l.attn.v_proj])
+            gate_up, gate_up_b = _fuse_in_place([l.mlp.gate_proj, l.mlp.up_proj])
+        else:
+            qkv, qkv_b = _fused_copy([l.attn.q_proj, l.attn.k_proj, l.attn.v_proj], dtype)
+            gate_up, gate_up_b = _fused_copy([l.mlp.gate_proj, l.mlp.up_proj], dtype)
+        o, down = l.attn.o_proj, l.mlp.down_proj
+        layers.append(LayerMats(qkv, qkv_b, conv(o.weight.data), conv(_data(o.bias)), gate_up, gate_up_b,
+                                conv(down.weight.data), conv(_data(down.bias)), conv(l.input_norm.weight.data),
+                                conv(l.post_norm.weight.data)))
+    cw = ComputeWeights(dtype, layers, conv(w.norm.weight.data), conv(w.lm_head.weight.data),
+                        conv(_data(w.lm_head.bias)))
+    per_model[dtype] = (_signature(w), cw)  # after re-pointing, so the next call hits
+    return cw
+
+
+def _data(t):
+    return None if t is None else t.data
+
+
+def _fused_copy(linears: list[nn.Linear], dtype):
+    W = torch.cat([m.weight.detach().to(dtype) for m in linears], dim=0)
+    if not any(m.bias is not None for m in linears):
+        return W, None
+    b = torch.cat([(m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)).to(dtype)
+                   for m in linears])
+    return W, b
+
+
+def _fuse_in_place(linears: list[nn.Linear]):
+    """Concatenate the weights (and biases) of ``linears`` and re-point each module at its slice."""
+    W = torch.cat([m.weight.data for m in linears], dim=0)
+    b = None
+    if any(m.bias is not None for m in linears):
+        b = torch.cat([m.bias.data if m.bias is not None else
+                       torch.zeros(m.out_features, dtype=W.dtype, device=W.device) for m in linears])
+    off = 0
+    for m in linears:
+        n = m.out_features
+        m.weight.data = W[off:off + n]
+        if m.bias is not None:
+            m.bias.data = b[off:off + n]
+        off += n
+    return W, b

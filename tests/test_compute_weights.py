@@ -1,0 +1,68 @@
+"""The lean runner's compute-weight cache: shared across generators, refreshed when weights change, and the
+fp32 compute path for half-precision models."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lvr_engine import LatentConfig, LatentGenerator
+from lvr_engine.engine.weights import auto_compute_dtype, compute_weights, cpu_has_native_bf16
+from tiny_models import make_batch, tiny_vlm
+
+ROWS = [(5, (8, 8), 7), (9, (6, 8), 3)]
+
+
+def test_generators_share_one_fused_copy():
+    model = tiny_vlm(seed=7)
+    a = LatentGenerator(model, LatentConfig(num_latent_steps=2, num_selected_patches=4))
+    b = LatentGenerator(model, LatentConfig(num_latent_steps=0))
+    batch, _ = make_batch(ROWS, seed=1)
+    a.generate(**batch, max_new_tokens=2)
+    cw = compute_weights(a.runner.w, torch.float32)
+    b.generate(**batch, max_new_tokens=2)
+    a.generate(**batch, max_new_tokens=2)
+    assert compute_weights(b.runner.w, torch.float32) is cw  # no re-fusing between alternating generators
+    q = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == cw.layers[0].qkv.data_ptr()  # the HF parameter is a view of the fused tensor
+
+
+def test_in_place_weight_updates_are_seen():
+    model = tiny_vlm(seed=8)
+    cfg = LatentConfig(num_latent_steps=2, num_selected_patches=4)
+    gen = LatentGenerator(model, cfg)
+    batch, _ = make_batch(ROWS, seed=2)
+    before = gen.generate(**batch, max_new_tokens=6)
+    with torch.no_grad():  # what an optimizer step does
+        for layer in model.model.language_model.layers:
+            layer.mlp.up_proj.weight.mul_(-3.0)
+            layer.self_attn.k_proj.weight.add_(0.05)
+    after = gen.generate(**batch, max_new_tokens=6)
+    fresh = LatentGenerator(copy.deepcopy(model), cfg).generate(**batch, max_new_tokens=6)
+    assert torch.equal(after.sequences, fresh.sequences) and torch.equal(after.selected, fresh.selected)
+    assert not (torch.equal(after.sequences, before.sequences) and torch.equal(after.selected, before.selected))
+
+
+def test_fp32_compute_of_a_bf16_model_equals_the_upcast_model():
+    bf16 = tiny_vlm(seed=9, dtype=torch.bfloat16)
+    up = copy.deepcopy(bf16).float()
+    cfg = LatentConfig(num_latent_steps=2, num_selected_patches=4)
+    batch, _ = make_batch(ROWS, seed=3)
+    batch["pixel_values"] = batch["pixel_values"]
+    a = LatentGenerator(bf16, cfg, compute_dtype=torch.float32)
+    assert a.runner.compute_dtype == torch.float32
+    # the vision tower still runs in the model's bf16: compare with the upcast text decoder on bf16 image features
+    up.model.visual = bf16.model.visual
+    b = LatentGenerator(up, cfg)
+    out_a, out_b = a.generate(**batch, max_new_tokens=6), b.generate(**batch, max_new_tokens=6)
+    assert torch.equal(out_a.sequences, out_b.sequences) and torch.equal(out_a.selected, out_b.selected)
+    # the bf16 model's own parameters are untouched (a converted copy, not a cast of the model)
+    assert next(bf16.model.language_model.parameters()).dtype == torch.bfloat16
+
+
+def test_auto_compute_dtype_policy():
+    cpu = torch.device("cpu")
+    assert auto_compute_dtype(torch.float32, cpu) == torch.float32
+    expect = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert auto_compute_dtype(torch.bfloat16, cpu) == expect
+    assert auto_compute_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
