@@ -66,9 +66,15 @@ def child():
     # ---- paper estimate --------------------------------------------------------------------------------
     cfg = model_config("small")
     tc, vc = cfg.text_config, cfg.vision_config
-    el = 2  # bf16
+    el = torch.empty(0, dtype=gen.runner.compute_dtype).element_size()  # KV cache and activations
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    # On a CPU without native bf16 the lean runner computes in fp32 from a converted copy of the decoder's
+    # matrices (engine/weights.py); that copy is part of the budget, counted at its real size.
+    compute_copy = 0
+    if gen.runner.compute_dtype != torch.bfloat16:
+        from lvr_engine.engine.weights import _params
+        compute_copy = sum(p.numel() * el for p in _params(gen.runner.w))
     L, H, Hkv, h, I = (tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads, tc.hidden_size,
                        tc.intermediate_size)
     D = h // H
@@ -84,16 +90,18 @@ def child():
     prefill_act = mlp_act + hid_act + sdpa_scores
     # vision tower (HF code, SDPA): bf16 copy of pixel_values (P, 3*2*14*14) and the conv's reordered copy,
     # or later q/k rotated in fp32 (HF upcasts: ~4 x P*embed*4) + the block MLP (2 x P*embed*mlp_ratio*2)
-    P = int(batch["pixel_values"].shape[0])
+    # the engine encodes images in groups of at most VISION_GROUP_PATCHES patches (models/qwen2_vl.py)
+    from lvr_engine.models.qwen2_vl import VISION_GROUP_PATCHES
+    P = min(int(batch["pixel_values"].shape[0]), VISION_GROUP_PATCHES)
     vision_act = max(2 * P * batch["pixel_values"].shape[1] * el,
                      4 * P * vc.embed_dim * 4 + 2 * P * vc.embed_dim * vc.mlp_ratio * el)
     activations = max(prefill_act, vision_act)
-    paper = weights + kv + activations
+    paper = weights + compute_copy + kv + activations
     res = dict(batch=B, prompt=S, S_total=S_total, base_rss=base, peak_rss=peak, peak_before_build=peak_before,
                after_build_rss=after_build, **phase, after_generate_rss=after_generate, delta=peak - base,
                input_bytes=input_bytes, weights=weights, kv=kv, mlp_act=mlp_act, hid_act=hid_act,
                sdpa_scores=sdpa_scores, prefill_act=prefill_act, vision_act=vision_act, activations=activations,
-               paper=paper, layers=L, heads=H, kv_heads=Hkv, head_dim=D, hidden=h, intermediate=I,
+               paper=paper, compute_copy=compute_copy, compute_dtype=str(gen.runner.compute_dtype), el=el, layers=L, heads=H, kv_heads=Hkv, head_dim=D, hidden=h, intermediate=I,
                n_params=sum(p.numel() for p in model.parameters()))
     print("MEMORY_JSON " + json.dumps(res))
 
@@ -110,14 +118,17 @@ def _describe(r):
         f"{m(r['peak_after_vision'] - r['base_rss'])} (RSS then {m(r['rss_after_vision'] - r['base_rss'])}), "
         f"end of generate {m(r['delta'])}",
         f"weights: {r['n_params']:,} params x 2 bytes (bf16, vision tower included) = {m(r['weights'])}",
+        f"compute dtype {r['compute_dtype']}: converted copy of the decoder matrices = {m(r['compute_copy'])}",
         f"KV cache: {r['layers']} layers x 2 x B {r['batch']} x Hkv {r['kv_heads']} x S_total {r['S_total']} x "
-        f"D {r['head_dim']} x 2 bytes = {m(r['kv'])}",
-        f"prefill activations: MLP 3 x B*S*I*2 = 3 x {r['batch']}*{r['prompt']}*{r['intermediate']}*2 = "
-        f"{m(r['mlp_act'])}; hidden 4 x B*S*h*2 = {m(r['hid_act'])}; SDPA scores B*H*S*S*4 = "
+        f"D {r['head_dim']} x {r['el']} bytes = {m(r['kv'])}",
+        f"prefill activations: MLP 3 x B*S*I*{r['el']} = 3 x {r['batch']}*{r['prompt']}*{r['intermediate']}*{r['el']} = "
+        f"{m(r['mlp_act'])}; hidden 4 x B*S*h*{r['el']} = {m(r['hid_act'])}; SDPA scores B*H*S*S*4 = "
         f"{r['batch']}*{r['heads']}*{r['prompt']}^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU flash kernel "
         f"does not materialise them) -> {m(r['prefill_act'])}",
-        f"vision activations: max(2 x bf16 pixels, fp32 rotary q/k + block MLP) = {m(r['vision_act'])}",
-        f"paper = weights + KV + max(prefill, vision) = {m(r['weights'])} + {m(r['kv'])} + {m(r['activations'])}"
+        f"vision activations (one group of images): max(2 x bf16 pixels, fp32 rotary q/k + block MLP) = "
+        f"{m(r['vision_act'])}",
+        f"paper = weights + compute copy + KV + max(prefill, vision) = {m(r['weights'])} + {m(r['compute_copy'])} + "
+        f"{m(r['kv'])} + {m(r['activations'])}"
         f" = {m(r['paper'])};  delta / paper = {r['delta'] / r['paper']:.2f} (limit {TOLERANCE})",
     ]
     return lines

@@ -169,3 +169,19 @@ def test_latent_hook_intervenes_and_latents_are_returned(vlm_qwen2):
     finally:
         bl._run = real_run
     _check_rows(hooked, *ref)
+
+
+def test_vision_tower_groups_equal_one_call(vlm_qwen2, monkeypatch):
+    """Images are encoded in groups to bound memory; results equal one call over every image."""
+    import lvr_engine.models.qwen2_vl as q
+    from lvr_engine.models import adapter_for
+
+    batch, _ = make_batch(ROWS, seed=3)
+    adapter = adapter_for(vlm_qwen2)
+    monkeypatch.setattr(q, "VISION_GROUP_PATCHES", 10 ** 9)
+    whole = adapter.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+    monkeypatch.setattr(q, "VISION_GROUP_PATCHES", 200)  # 256- and 192-patch images: one per group
+    grouped = adapter.encode_images(batch["pixel_values"], batch["image_grid_thw"])
+    assert [g.shape for g in grouped] == [w.shape for w in whole] == [(16, 64), (12, 64), (20, 64)]
+    for g, w in zip(grouped, whole):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

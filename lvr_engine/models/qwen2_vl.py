@@ -37,6 +37,11 @@ def _text_decoder_weights(text_model, lm_head, text_config, mrope_section) -> De
     )
 
 
+# The vision tower attends within each image only, so images can be encoded in groups: this bounds its
+# activation memory (a batch of large images otherwise peaks far above the decoder) at no cost in results.
+VISION_GROUP_PATCHES = 4096
+
+
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     is_multimodal = True
@@ -62,8 +67,20 @@ class Qwen2VLAdapter(ModelAdapter):
         return (image_grid_thw.prod(-1) // self.spatial_merge_size**2).tolist()
 
     def encode_images(self, pixel_values, image_grid_thw):
-        out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        return list(out.pooler_output)
+        """Per image (n_i, hidden) embeddings; images go through the tower in groups of <= VISION_GROUP_PATCHES
+        patches (always at least one image per group)."""
+        patches = image_grid_thw.prod(-1).tolist()
+        out, start, i = [], 0, 0
+        while i < len(patches):
+            j, n = i + 1, patches[i]
+            while j < len(patches) and n + patches[j] <= VISION_GROUP_PATCHES:
+                n += patches[j]
+                j += 1
+            feats = self.model.model.get_image_features(pixel_values[start:start + n], image_grid_thw[i:j],
+                                                        return_dict=True)
+            out.extend(feats.pooler_output)
+            start, i = start + n, j
+        return out
 
     def prompt_positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
         if image_grid_thw is None:
