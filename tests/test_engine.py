@@ -180,7 +180,7 @@ def test_vision_tower_groups_equal_one_call(vlm_qwen2, monkeypatch):
     adapter = adapter_for(vlm_qwen2)
     monkeypatch.setattr(q, "VISION_GROUP_PATCHES", 10 ** 9)
     whole = adapter.encode_images(batch["pixel_values"], batch["image_grid_thw"])
-    monkeypatch.setattr(q, "VISION_GROUP_PATCHES", 200)  # 256- and 192-patch images: one per group
+    monkeypatch.setattr(q, "VISION_GROUP_PATCHES", 100)  # 64-, 48- and 80-patch images: one per group
     grouped = adapter.encode_images(batch["pixel_values"], batch["image_grid_thw"])
     assert [g.shape for g in grouped] == [w.shape for w in whole] == [(16, 64), (12, 64), (20, 64)]
     for g, w in zip(grouped, whole):
