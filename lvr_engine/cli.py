@@ -403,8 +403,23 @@ def cmd_bench(args, argv) -> int:
     return subprocess.call(cmd, cwd=root)
 
 
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train a tiny latent reasoner on the synthetic task and show it working")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny sizes)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args, argv) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, seed=args.seed, quick=args.quick)
+    return 0
+
+
 # -- registration -------------------------------------------------------------------------------------
-COMMANDS = [add_train, add_eval, add_generate, add_tiny_model, add_analyze, add_bench]
+COMMANDS = [add_demo, add_train, add_eval, add_generate, add_tiny_model, add_analyze, add_bench]
 """Subcommand registrations, in help order: each adds its parser and sets ``func(args, argv) -> int``."""
 
 
