@@ -84,7 +84,8 @@ def child():
     # prefill, the largest live tensors of one layer: fused gate/up output (B,S,2I) + act*up (B,S,I)
     # = 3 x B*S*I; residual, normed input, qkv, attention output ~ 4 x B*S*h; the SDPA scores B*H*S*S fp32
     # if the kernel materialises them (the CPU flash kernel does not: it works in per-thread blocks).
-    mlp_act = 3 * B * S * I * el
+    from lvr_engine.engine.runner import MLP_CHUNK_TOKENS  # the inference MLP runs over token chunks
+    mlp_act = 3 * min(B * S, MLP_CHUNK_TOKENS) * I * el
     hid_act = 4 * B * S * h * el
     sdpa_scores = B * H * S * S * 4
     prefill_act = mlp_act + hid_act + sdpa_scores
@@ -121,7 +122,7 @@ def _describe(r):
         f"compute dtype {r['compute_dtype']}: converted copy of the decoder matrices = {m(r['compute_copy'])}",
         f"KV cache: {r['layers']} layers x 2 x B {r['batch']} x Hkv {r['kv_heads']} x S_total {r['S_total']} x "
         f"D {r['head_dim']} x {r['el']} bytes = {m(r['kv'])}",
-        f"prefill activations: MLP 3 x B*S*I*{r['el']} = 3 x {r['batch']}*{r['prompt']}*{r['intermediate']}*{r['el']} = "
+        f"prefill activations: MLP 3 x min(B*S, 1024-token chunk)*I*{r['el']} = 3 x 1024*{r['intermediate']}*{r['el']} = "
         f"{m(r['mlp_act'])}; hidden 4 x B*S*h*{r['el']} = {m(r['hid_act'])}; SDPA scores B*H*S*S*4 = "
         f"{r['batch']}*{r['heads']}*{r['prompt']}^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU flash kernel "
         f"does not materialise them) -> {m(r['prefill_act'])}",

@@ -185,3 +185,14 @@ def test_vision_tower_groups_equal_one_call(vlm_qwen2, monkeypatch):
     assert [g.shape for g in grouped] == [w.shape for w in whole] == [(16, 64), (12, 64), (20, 64)]
     for g, w in zip(grouped, whole):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_inference_mlp_gives_same_outputs(vlm_qwen2, monkeypatch):
+    import lvr_engine.engine.runner as runner_mod
+
+    cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4)
+    batch, _ = make_batch(ROWS, seed=3)
+    whole = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
+    monkeypatch.setattr(runner_mod, "MLP_CHUNK_TOKENS", 16)  # prefill of ~80 tokens x 3 rows: many chunks
+    chunked = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
+    assert torch.equal(whole.sequences, chunked.sequences) and torch.equal(whole.selected, chunked.selected)

@@ -165,8 +165,7 @@ class DecoderRunner:
         x = x + (F.linear(o, m.o, m.o_b) if m is not None else lw.attn.o_proj(o))
         h = rms_norm(x, m.post_norm if m else lw.post_norm.weight, self.w.rms_eps)
         if m is not None:
-            g, u = F.linear(h, m.gate_up, m.gate_up_b).chunk(2, dim=-1)
-            return x + F.linear(F.silu(g) * u, m.down, m.down_b)
+            return x + _mlp_in_chunks(h, m)
         return x + lw.mlp.down_proj(F.silu(lw.mlp.gate_proj(h)) * lw.mlp.up_proj(h))
 
     def attend(self, i, q, k, v, cache, ctx):
@@ -211,6 +210,24 @@ class DecoderRunner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings in the compute dtype."""
         return self.w.embed(ids).to(self.compute_dtype)
+
+
+# Inference MLPs run over at most this many tokens at a time: a batched prefill otherwise holds the
+# (tokens x 2*intermediate) activations of a whole batch at once, the largest buffer of the forward.
+MLP_CHUNK_TOKENS = 1024
+
+
+def _mlp_in_chunks(h: torch.Tensor, m) -> torch.Tensor:
+    """SwiGLU MLP of h (B, C, hidden) on fused weights, MLP_CHUNK_TOKENS tokens at a time."""
+    flat = h.reshape(-1, h.shape[-1])
+    if flat.shape[0] <= MLP_CHUNK_TOKENS:
+        g, u = F.linear(h, m.gate_up, m.gate_up_b).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, m.down, m.down_b)
+    out = flat.new_empty(flat.shape[0], m.down.shape[0])
+    for s in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
+        g, u = F.linear(flat[s:s + MLP_CHUNK_TOKENS], m.gate_up, m.gate_up_b).chunk(2, dim=-1)
+        out[s:s + MLP_CHUNK_TOKENS] = F.linear(F.silu(g) * u, m.down, m.down_b)
+    return out.view(*h.shape[:-1], -1)
 
 
 @dataclass
