@@ -202,7 +202,8 @@ class DecoderRunner:
                                                backend=self.backend)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        cw = self._compute_weights()
+        # the forward that produced ``hidden`` already validated the weight cache; reuse it
+        cw = self._mats if (self._mats is not None and not torch.is_grad_enabled()) else self._compute_weights()
         if cw is None:
             return self.w.lm_head(hidden)
         return F.linear(hidden, cw.lm_head, cw.lm_head_b)

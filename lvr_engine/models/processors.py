@@ -32,7 +32,7 @@ def _allow_processor_without_torchvision() -> None:
         setattr(pu.transformers_module, "VideoProcessorMixin", VideoProcessorMixin)
 
 
-def _video_placeholder():
+def _video_stand_in():
     """Stands in for Qwen2VLVideoProcessor when torchvision is missing (images still work; videos do not)."""
     from transformers.video_processing_utils import VideoProcessorMixin
 
@@ -53,7 +53,7 @@ def load_processor(path: str | os.PathLike):
     """``AutoProcessor.from_pretrained(path)``, or, where that fails only because torchvision is not
     installed (transformers 5.23 loads Qwen2-VL's video processor unconditionally), the same processor
     assembled from the saved parts: ``AutoTokenizer`` + the PIL ``AutoImageProcessor`` + the chat
-    template, with a placeholder video processor. Works for any local Qwen2-VL / Qwen2.5-VL checkpoint."""
+    template, with a stand-in video processor. Works for any local Qwen2-VL / Qwen2.5-VL checkpoint."""
     from transformers import AutoProcessor
 
     try:
@@ -74,5 +74,5 @@ def load_processor(path: str | os.PathLike):
     elif (path / "chat_template.json").exists():
         chat_template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
     chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-    return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=_video_placeholder(),
+    return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=_video_stand_in(),
                     chat_template=chat_template)

@@ -37,7 +37,7 @@ __all__ = [
     "load_processor",
 ]
 
-from .processors import _has_torchvision, _processor_class, _video_placeholder, load_processor  # noqa: E402
+from .processors import _has_torchvision, _processor_class, _video_stand_in, load_processor  # noqa: E402
 
 #: Special tokens, in id order (ids 0..12 in every tiny tokenizer).
 TINY_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -247,7 +247,7 @@ def build_tiny_processor(tokenizer=None, *, family: str = "qwen2_vl", image_size
     :func:`build_tiny_tokenizer`), with min_pixels = max_pixels = image_size**2 (must be a multiple
     of 28): every square image -> (image_size / 28)**2 image tokens.
 
-    Without torchvision the image processor is the PIL backend and the video processor a placeholder
+    Without torchvision the image processor is the PIL backend and the video processor a stand-in
     (see :func:`load_processor`)."""
     if image_size % 28:
         raise ValueError(f"image_size must be a multiple of 28 (patch 14 x merge 2), got {image_size}")
@@ -262,13 +262,13 @@ def build_tiny_processor(tokenizer=None, *, family: str = "qwen2_vl", image_size
     else:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        image_processor, video_processor = Qwen2VLImageProcessorPil(**kw), _video_placeholder()
+        image_processor, video_processor = Qwen2VLImageProcessorPil(**kw), _video_stand_in()
     return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                     chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
 def _fix_saved_video_processor(path: Path, image_size: int) -> None:
-    """Record the real Qwen2-VL video processor in processor_config.json in place of the placeholder,
+    """Record the real Qwen2-VL video processor in processor_config.json in place of the stand-in,
     so the checkpoint loads with plain AutoProcessor wherever torchvision is installed."""
     f = path / "processor_config.json"
     if not f.exists():

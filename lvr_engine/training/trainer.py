@@ -464,7 +464,7 @@ class Trainer:
 
     def _write_processor(self, dest: Path) -> None:
         self.processor.save_pretrained(dest)
-        # Without torchvision the processor carries a placeholder video processor; keep the source checkpoint's
+        # Without torchvision the processor carries a stand-in video processor; keep the source checkpoint's
         # entry so the saved processor loads with AutoProcessor wherever torchvision is installed.
         saved, source = dest / "processor_config.json", Path(self.cfg.model) / "processor_config.json"
         if saved.exists() and source.exists():

@@ -73,7 +73,7 @@ def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None)
     if B == 0 or I == 0:
         return scores
     q, k = _rows(q), _rows(k)
-    lse_t = lse if lse is not None else scores  # placeholder pointer, unused when HAS_LSE is False
+    lse_t = lse if lse is not None else scores  # any valid pointer: never read when HAS_LSE is False
     _k()._image_scores_kernel[(B, H)](
         q, k, seq_lens, image_slots, scores, lse_t, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
@@ -105,7 +105,7 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     out = torch.empty(B, C, H, D, dtype=torch.float32 if store_fp32 else q.dtype, device=q.device)
     if B == 0:
         return out.to(q.dtype)
-    slots = image_slots if has_scores else seq_lens  # placeholder pointers when no scores
+    slots = image_slots if has_scores else seq_lens  # any valid pointers: never read without scores
     sc = scores if has_scores else out
     _k()._chunk_attention_kernel[(B, H)](
         q, k_cache, v_cache, out, seq_lens, slots, sc, float(scale),
