@@ -3,7 +3,8 @@
 The measurement runs in a fresh subprocess (``python -c "from benchmarks.test_memory import child; child()"``):
 torch, transformers (incl. the Qwen2-VL modeling module), lvr_engine and the inputs are loaded first; then
 ``base`` = the process RSS right before the model is built; the model is built directly in bf16, one generate
-call runs (N=3, K=32, 8 answer tokens, batch 8); ``peak`` = ``getrusage(RUSAGE_SELF).ru_maxrss``.
+call runs (N=3, K=32, 8 answer tokens, batch 8); ``peak`` = the process's own RSS high-water mark (VmHWM),
+reset right at ``base`` (benchmarks/_rss.py says why not ``ru_maxrss``).
 delta = peak - base must stay within 1.2 x (weights + KV cache + activations) computed on paper.
 """
 from __future__ import annotations
@@ -21,15 +22,8 @@ TOLERANCE = 1.2
 MiB = 2 ** 20
 
 
-def _rss():
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
 def child():
     """Runs in the subprocess; prints one JSON line with the measurement and the paper estimate."""
-    import resource
-
     import torch
     import transformers  # noqa: F401
     import transformers.models.qwen2_vl.modeling_qwen2_vl  # noqa: F401  (lazy module: import before `base`)
@@ -37,18 +31,22 @@ def child():
     import lvr_engine  # noqa: F401
     from benchmarks.conftest import (ANSWER_TOKENS, K_PATCHES, N_LATENT, build_model, make_inputs,
                                      model_config)
+    from benchmarks._rss import peak_rss, reset_peak
+    from benchmarks._rss import rss as _rss
     from lvr_engine import LatentConfig, LatentGenerator
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     batch, _ = make_inputs("small-bf16", BATCH)
     input_bytes = sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor))
+    peak_before = peak_rss()
+    if not reset_peak():
+        raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs): the peak would include setup")
     base = _rss()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     model = build_model("small", torch.bfloat16, init_dtype=torch.bfloat16)
     after_build = _rss()
     gen = LatentGenerator(model, LatentConfig(num_latent_steps=N_LATENT, num_selected_patches=K_PATCHES))
-    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
+    maxrss = peak_rss
     phase = {}
     encode = gen.adapter.encode_images
 
@@ -61,7 +59,7 @@ def child():
     out = gen.generate(**batch, max_new_tokens=ANSWER_TOKENS, eos_token_id=[])
     assert out.sequences.shape == (BATCH, ANSWER_TOKENS)
     after_generate = _rss()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
 
     # ---- paper estimate --------------------------------------------------------------------------------
     cfg = model_config("small")
@@ -114,7 +112,7 @@ def _describe(r):
         f"RSS before building the model (torch/transformers/lvr_engine imported, inputs built: "
         f"{m(r['input_bytes'])}): {m(r['base_rss'])}",
         f"RSS after build {m(r['after_build_rss'])}, after generate {m(r['after_generate_rss'])}, "
-        f"peak (ru_maxrss) {m(r['peak_rss'])}  ->  delta = {m(r['delta'])}",
+        f"peak (VmHWM) {m(r['peak_rss'])}  ->  delta = {m(r['delta'])}",
         f"where: peak before the vision tower {m(r['peak_before_vision'] - r['base_rss'])} over base, at its end "
         f"{m(r['peak_after_vision'] - r['base_rss'])} (RSS then {m(r['rss_after_vision'] - r['base_rss'])}), "
         f"end of generate {m(r['delta'])}",

@@ -2,8 +2,9 @@
 (one prefix pass + one K+1-position pass per latent step on the KV cache, fused score/selection ops) vs the published
 training forward (every latent pass re-runs the whole prefix with eager attention and output_attentions=True).
 
-Speed side by side with pytest-benchmark; peak memory of each in a fresh subprocess (ru_maxrss over the RSS right
-before the step, model and AdamW built). Run: ``pytest benchmarks/test_train.py --benchmark-only -s``.
+Speed side by side with pytest-benchmark; peak memory of each in a fresh subprocess (the process's own RSS
+high-water mark over the step, reset right before it with model and AdamW built; benchmarks/_rss.py).
+Run: ``pytest benchmarks/test_train.py --benchmark-only -s``.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _step_lvr(model, opt, batch, pieces, tgt):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss)
+    return out.loss.item()
 
 
 def _step_published(model, opt, batch, pieces, tgt):
@@ -60,7 +61,7 @@ def _step_published(model, opt, batch, pieces, tgt):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return loss.item()
 
 
 STEPS = {"lvr": _step_lvr, "published": _step_published}
@@ -68,15 +69,15 @@ STEPS = {"lvr": _step_lvr, "published": _step_published}
 
 def child(which: str):
     """Subprocess body: one step of ``which``; prints the peak RSS growth over the pre-step RSS as JSON."""
-    import resource
-
-    import psutil
+    from benchmarks._rss import peak_rss, reset_peak, rss
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     state = _setup()
-    base = psutil.Process().memory_info().rss
+    if not reset_peak():
+        raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs): the peak would include setup")
+    base = rss()
     loss = STEPS[which](*state)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print("TRAIN_MEM " + json.dumps({"which": which, "base": base, "peak": peak, "delta": peak - base, "loss": loss}))
 
 

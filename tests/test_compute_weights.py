@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
+from lvr_engine import ops
 from lvr_engine import LatentConfig, LatentGenerator
 from lvr_engine.engine.weights import auto_compute_dtype, compute_weights, cpu_has_native_bf16
 from tiny_models import make_batch, tiny_vlm
@@ -43,21 +45,47 @@ def test_in_place_weight_updates_are_seen():
     assert not (torch.equal(after.sequences, before.sequences) and torch.equal(after.selected, before.selected))
 
 
-def test_fp32_compute_of_a_bf16_model_equals_the_upcast_model():
+@pytest.mark.parametrize("rows", [ROWS, ROWS * 4], ids=["mixed_linear", "fp32_copy"])
+def test_fp32_compute_of_a_bf16_model_equals_the_upcast_model(rows, monkeypatch):
+    """fp32 compute of a bf16 model (vision tower included) gives the tokens of the model upcast to fp32, both
+    when small forwards read the bf16 weights through ops.mixed_linear and when every forward uses the fp32 copy."""
+    import lvr_engine.engine.runner as runner_mod
+
+    if rows is not ROWS:  # every forward over the fp32 copy
+        monkeypatch.setattr(runner_mod, "MIXED_MAX_ROWS", 0)
     bf16 = tiny_vlm(seed=9, dtype=torch.bfloat16)
     up = copy.deepcopy(bf16).float()
     cfg = LatentConfig(num_latent_steps=2, num_selected_patches=4)
-    batch, _ = make_batch(ROWS, seed=3)
-    batch["pixel_values"] = batch["pixel_values"]
+    batch, _ = make_batch(rows, seed=3)
     a = LatentGenerator(bf16, cfg, compute_dtype=torch.float32)
     assert a.runner.compute_dtype == torch.float32
-    # the vision tower still runs in the model's bf16: compare with the upcast text decoder on bf16 image features
-    up.model.visual = bf16.model.visual
-    b = LatentGenerator(up, cfg)
-    out_a, out_b = a.generate(**batch, max_new_tokens=6), b.generate(**batch, max_new_tokens=6)
+    calls = []
+    real = runner_mod.ops.mixed_linear
+    monkeypatch.setattr(runner_mod.ops, "mixed_linear", lambda *a_, **k: calls.append(1) or real(*a_, **k))
+    out_a = a.generate(**batch, max_new_tokens=6)
+    uses_kernel = "cpu" in ops.available_backends()["cpu"] and rows is ROWS
+    assert bool(calls) == uses_kernel
+    out_b = LatentGenerator(up, cfg).generate(**batch, max_new_tokens=6)
     assert torch.equal(out_a.sequences, out_b.sequences) and torch.equal(out_a.selected, out_b.selected)
-    # the bf16 model's own parameters are untouched (a converted copy, not a cast of the model)
+    # the bf16 model's own parameters are untouched (converted copies, not a cast of the model)
     assert next(bf16.model.language_model.parameters()).dtype == torch.bfloat16
+    assert next(bf16.model.visual.parameters()).dtype == torch.bfloat16
+
+
+def test_fp32_vision_copy_follows_weight_updates():
+    bf16 = tiny_vlm(seed=10, dtype=torch.bfloat16)
+    adapter = LatentGenerator(bf16, LatentConfig(num_latent_steps=0), compute_dtype=torch.float32).adapter
+    batch, _ = make_batch(ROWS, seed=4)
+    pv, thw = batch["pixel_values"], batch["image_grid_thw"]
+    with torch.no_grad():
+        before = adapter.encode_images(pv, thw, compute_dtype=torch.float32)
+        for p in bf16.model.visual.parameters():
+            p.mul_(0.5)
+        after = adapter.encode_images(pv, thw, compute_dtype=torch.float32)
+        want = copy.deepcopy(bf16.model.visual).float()(pv.float(), grid_thw=thw).pooler_output
+    assert all(t.dtype == torch.float32 for t in after)
+    torch.testing.assert_close(torch.cat(after), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(torch.cat(before), torch.cat(after))
 
 
 def test_auto_compute_dtype_policy():

@@ -300,6 +300,47 @@ def test_select_and_feedback_ties_lower_index_wins(backend, device):
 
 
 # ------------------------------------------------------------------------------------------------
+# mixed_linear: fp32 activations x half-precision weights (CPU kernel), against a float64 matmul.
+
+needs_cpu = pytest.mark.skipif("cpu" not in BACKEND_IDS, reason="lvr_engine._C not built")
+
+
+@needs_cpu
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("lead,N,K", [((1,), 768, 512), ((2, 5), 7, 13), ((33,), 37, 72), ((4,), 4, 8),
+                                      ((3, 1), 130, 1376), ((0,), 5, 16), ((7,), 1, 3)])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_mixed_linear_matches_float64(lead, N, K, wdtype, with_bias):
+    g = torch.Generator().manual_seed(N * 131 + K)
+    x = torch.randn(*lead, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(wdtype)
+    b = torch.randn(N, generator=g) if with_bias else None
+    y = ops.mixed_linear(x, w, b, backend="cpu")
+    assert y.shape == (*lead, N) and y.dtype == torch.float32
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    # an fp32 matmul on the widened weight has error ~ K * eps32 * |x||w|; ours must be as good
+    fp32 = reference.mixed_linear(x, w, b)
+    bound = 2 * _max_err(fp32, want) + 1e-6
+    assert _max_err(y, want) <= bound
+
+
+@needs_cpu
+def test_mixed_linear_strided_input_and_errors():
+    x = torch.randn(6, 40)[:, ::2]  # non-contiguous rows
+    w = torch.randn(9, 20).bfloat16()
+    want = torch.nn.functional.linear(x.double(), w.double())
+    assert _max_err(ops.mixed_linear(x, w, backend="cpu"), want) < 1e-4
+    with pytest.raises(RuntimeError, match="K=20"):
+        ops.mixed_linear(torch.randn(3, 21), w, backend="cpu")
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        ops.mixed_linear(torch.randn(3, 20).bfloat16(), w, backend="cpu")
+    with pytest.raises(RuntimeError, match="weight must be bfloat16 or float16"):
+        ops.mixed_linear(torch.randn(3, 20), w.float(), backend="cpu")
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.mixed_linear(torch.randn(3, 20), w, torch.randn(8), backend="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
 # torch.library checks of the compiled CPU ops (schema, fake kernels, mutation declarations).
 
 
@@ -314,6 +355,7 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(lib.image_attention_scores.default, (q[:, -1], k, lens, slots, torch.zeros(2, 6), 0.125, None))
     scores, available, embeds, hidden = _select_inputs(2, 30, 8, torch.float32, "cpu")
     torch.library.opcheck(lib.select_and_feedback.default, (scores, available, embeds, hidden, 4, torch.zeros(2, 5, 8)))
+    torch.library.opcheck(lib.mixed_linear.default, (torch.randn(5, 24), torch.randn(6, 24).bfloat16(), torch.randn(6)))
 
 
 # ------------------------------------------------------------------------------------------------

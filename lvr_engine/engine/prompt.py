@@ -39,7 +39,7 @@ def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, 
     hdim = embeds.shape[-1]
     image_embeds = embeds.new_zeros(B, image_slots.shape[1], hdim)
     if sum(batch.image_counts) > 0:
-        per_image = adapter.encode_images(pixel_values.to(device), image_grid_thw.to(device))
+        per_image = adapter.encode_images(pixel_values.to(device), image_grid_thw.to(device), compute_dtype=dtype)
         image_embeds = _rows_of_images(per_image, batch.images_per_row, image_slots.shape[1], hdim, dtype)
         rows, cols = torch.nonzero(image_slots >= 0, as_tuple=True)
         embeds = embeds.index_put((rows, image_slots[rows, cols].long()), image_embeds[rows, cols])

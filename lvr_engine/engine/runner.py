@@ -78,13 +78,13 @@ class DecoderRunner:
     # -- forwards -------------------------------------------------------------------------------
     def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None):
         """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h)."""
-        B, S, _ = embeds.shape
-        ar = torch.arange(S, device=embeds.device)
-        key_ok = ar[None, :] < lens[:, None]                                   # (B,S)
-        mask = (ar[None, :, None] >= ar[None, None, :]) & key_ok[:, None, :]   # (B,S,S) causal & valid keys
+        S = embeds.shape[1]
+        # Causal attention needs no padding mask here: prompts are left-aligned, so a valid query (slot < lens)
+        # only sees keys before it, all valid. Padded queries compute unused values; later steps read the
+        # cache only below lens.
         want = scores is not None and image_slots is not None and image_slots.shape[1] > 0
         ctx = _StepContext("prefill", lens, lens, image_slots if want else None, scores if want else None,
-                           mask=mask[:, None], slots=None)
+                           mask=None, slots=None)
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.copy_(lens)  # in place: captured CUDA graphs hold this tensor
         cache.filled = S
@@ -143,7 +143,12 @@ class DecoderRunner:
         return y
 
     def _layer(self, i, x, cos, sin, cache, ctx):
-        """One decoder layer on our fused weights. x (B,C,h); cos/sin (B,C,1,D)."""
+        """One decoder layer on our fused weights. x (B,C,h); cos/sin (B,C,1,D). The two halves are separate
+        calls so each one's temporaries (qkv, rotated q/k, attention output) are freed before the next."""
+        x = x + self._attention_block(i, x, cos, sin, cache, ctx)
+        return x + self._mlp_block(i, x)
+
+    def _attention_block(self, i, x, cos, sin, cache, ctx):
         lw = self.w.layers[i]
         m = self._mats.layers[i] if self._mats is not None else None
         B, C, _ = x.shape
@@ -151,22 +156,29 @@ class DecoderRunner:
         h = rms_norm(x, m.in_norm if m else lw.input_norm.weight, self.w.rms_eps)
         if m is not None:
             nq, nk = H * D, Hkv * D
-            qkv = F.linear(h, m.qkv, m.qkv_b)
+            qkv = self._linear(h, m.qkv, m.qkv_b, m.qkv_lp)
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q, k, v = lw.attn.q_proj(h), lw.attn.k_proj(h), lw.attn.v_proj(h)
-        q = q.view(B, C, H, D)
-        k = k.view(B, C, Hkv, D)
-        v = v.view(B, C, Hkv, D)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        o = self.attend(i, q, k, v, cache, ctx)
-        o = o.reshape(B, C, H * D)
-        x = x + (F.linear(o, m.o, m.o_b) if m is not None else lw.attn.o_proj(o))
+        del h
+        q = _rope(q.view(B, C, H, D), cos, sin)
+        k = _rope(k.view(B, C, Hkv, D), cos, sin)
+        o = self.attend(i, q, k, v.view(B, C, Hkv, D), cache, ctx).reshape(B, C, H * D)
+        return self._linear(o, m.o, m.o_b, m.o_lp) if m is not None else lw.attn.o_proj(o)
+
+    def _mlp_block(self, i, x):
+        lw = self.w.layers[i]
+        m = self._mats.layers[i] if self._mats is not None else None
         h = rms_norm(x, m.post_norm if m else lw.post_norm.weight, self.w.rms_eps)
         if m is not None:
-            return x + _mlp_in_chunks(h, m)
-        return x + lw.mlp.down_proj(F.silu(lw.mlp.gate_proj(h)) * lw.mlp.up_proj(h))
+            return _mlp_in_chunks(h, m, self._linear)
+        return lw.mlp.down_proj(F.silu(lw.mlp.gate_proj(h)) * lw.mlp.up_proj(h))
+
+    def _linear(self, x, w, b, w_lp):
+        """x @ w.T + b on compute weights; few rows read the model's half-precision original instead."""
+        if w_lp is not None and self.backend in (None, "cpu") and x.numel() <= MIXED_MAX_ROWS * x.shape[-1]:
+            return ops.mixed_linear(x, w_lp, b, backend="cpu")
+        return F.linear(x, w, b)
 
     def attend(self, i, q, k, v, cache, ctx):
         """Write layer i's new k, v (B,C,Hkv,D) into the cache and attend with q (B,C,H,D) -> (B,C,H,D).
@@ -178,7 +190,7 @@ class DecoderRunner:
         if ctx.mode == "prefill":
             cache.write_prompt(i, k, v)
             o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=ctx.mask, scale=self.scale,
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale,
                 enable_gqa=H != Hkv,
             ).transpose(1, 2)
             if ctx.scores is not None:
@@ -206,7 +218,7 @@ class DecoderRunner:
         cw = self._mats if (self._mats is not None and not torch.is_grad_enabled()) else self._compute_weights()
         if cw is None:
             return self.w.lm_head(hidden)
-        return F.linear(hidden, cw.lm_head, cw.lm_head_b)
+        return self._linear(hidden, cw.lm_head, cw.lm_head_b, cw.lm_head_lp)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings in the compute dtype."""
@@ -217,17 +229,31 @@ class DecoderRunner:
 # (tokens x 2*intermediate) activations of a whole batch at once, the largest buffer of the forward.
 MLP_CHUNK_TOKENS = 1024
 
+# Forwards of at most this many rows (batch x chunk tokens) multiply a half-precision model's own weights
+# with ops.mixed_linear instead of the fp32 copy: decode and latent steps are bound by the weight bytes they
+# stream, not by arithmetic. Measured crossover ~130 rows on a 2-core AVX2 CPU (benchmarks/test_ops.py).
+MIXED_MAX_ROWS = 128
 
-def _mlp_in_chunks(h: torch.Tensor, m) -> torch.Tensor:
-    """SwiGLU MLP of h (B, C, hidden) on fused weights, MLP_CHUNK_TOKENS tokens at a time."""
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with two temporaries instead of four (same arithmetic, same order)."""
+    r = _rotate_half(x).mul_(sin)
+    return r.add_(x * cos)
+
+
+def _mlp_in_chunks(h: torch.Tensor, m, linear) -> torch.Tensor:
+    """SwiGLU MLP of h (B, C, hidden) on fused weights, MLP_CHUNK_TOKENS tokens at a time (inference only).
+    ``linear(x, w, b, w_lp)`` is the runner's projection."""
+    def mlp(x):
+        g, u = linear(x, m.gate_up, m.gate_up_b, m.gate_up_lp).chunk(2, dim=-1)
+        return linear(F.silu(g, inplace=True).mul_(u), m.down, m.down_b, m.down_lp)
+
     flat = h.reshape(-1, h.shape[-1])
     if flat.shape[0] <= MLP_CHUNK_TOKENS:
-        g, u = F.linear(h, m.gate_up, m.gate_up_b).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, m.down, m.down_b)
+        return mlp(h)
     out = flat.new_empty(flat.shape[0], m.down.shape[0])
     for s in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
-        g, u = F.linear(flat[s:s + MLP_CHUNK_TOKENS], m.gate_up, m.gate_up_b).chunk(2, dim=-1)
-        out[s:s + MLP_CHUNK_TOKENS] = F.linear(F.silu(g) * u, m.down, m.down_b)
+        out[s:s + MLP_CHUNK_TOKENS] = mlp(flat[s:s + MLP_CHUNK_TOKENS])
     return out.view(*h.shape[:-1], -1)
 
 
@@ -240,7 +266,7 @@ class _StepContext:
     new_lens: torch.Tensor         # (B,) after it
     image_slots: torch.Tensor | None
     scores: torch.Tensor | None    # (B,I) float32 accumulator, or None when no selection follows
-    mask: torch.Tensor | None      # bool attention mask for SDPA (prefill, or chunk under autograd)
+    mask: torch.Tensor | None      # bool attention mask for SDPA (a chunk under autograd; prefill is causal)
     slots: torch.Tensor | None     # (B,C) cache slots of the chunk
 
     def without_scores(self) -> "_StepContext":

@@ -30,6 +30,12 @@ class LayerMats:
     down_b: torch.Tensor | None
     in_norm: torch.Tensor
     post_norm: torch.Tensor
+    # The model's own half-precision matrices (fused like the above, sharing the model's storage) when the
+    # compute dtype is fp32 on CPU: small-M forwards read these through ops.mixed_linear (half the bytes).
+    qkv_lp: torch.Tensor | None = None
+    o_lp: torch.Tensor | None = None
+    gate_up_lp: torch.Tensor | None = None
+    down_lp: torch.Tensor | None = None
 
 
 @dataclass
@@ -39,6 +45,7 @@ class ComputeWeights:
     norm: torch.Tensor
     lm_head: torch.Tensor
     lm_head_b: torch.Tensor | None
+    lm_head_lp: torch.Tensor | None = None
 
 
 # model (its embedding module) -> {compute dtype: (signature, ComputeWeights)}
@@ -98,22 +105,36 @@ def compute_weights(w: DecoderWeights, dtype: torch.dtype) -> ComputeWeights | N
         return hit[1]
     same = w.embed.weight.dtype == dtype
     conv = (lambda t: t) if same else (lambda t: None if t is None else t.detach().to(dtype).contiguous())
+    mixed = _mixed_linear_applies(w, dtype)
     layers = []
     for l in w.layers:
-        if same:  # one copy: fuse and re-point the HF parameters into the fused tensors
-            qkv, qkv_b = _fuse_in_place([l.attn.q_proj, l.attn.k_proj, l.attn.v_proj])
-            gate_up, gate_up_b = _fuse_in_place([l.mlp.gate_proj, l.mlp.up_proj])
+        if same or mixed:  # fuse and re-point the HF parameters into the fused tensors: still one copy
+            qkv_own, qkv_b_own = _fuse_in_place([l.attn.q_proj, l.attn.k_proj, l.attn.v_proj])
+            gate_up_own, gate_up_b_own = _fuse_in_place([l.mlp.gate_proj, l.mlp.up_proj])
+        if same:
+            qkv, qkv_b, gate_up, gate_up_b = qkv_own, qkv_b_own, gate_up_own, gate_up_b_own
         else:
             qkv, qkv_b = _fused_copy([l.attn.q_proj, l.attn.k_proj, l.attn.v_proj], dtype)
             gate_up, gate_up_b = _fused_copy([l.mlp.gate_proj, l.mlp.up_proj], dtype)
         o, down = l.attn.o_proj, l.mlp.down_proj
+        lp = dict(qkv_lp=qkv_own, o_lp=o.weight.data, gate_up_lp=gate_up_own, down_lp=down.weight.data) if mixed else {}
         layers.append(LayerMats(qkv, qkv_b, conv(o.weight.data), conv(_data(o.bias)), gate_up, gate_up_b,
                                 conv(down.weight.data), conv(_data(down.bias)), conv(l.input_norm.weight.data),
-                                conv(l.post_norm.weight.data)))
+                                conv(l.post_norm.weight.data), **lp))
     cw = ComputeWeights(dtype, layers, conv(w.norm.weight.data), conv(w.lm_head.weight.data),
-                        conv(_data(w.lm_head.bias)))
+                        conv(_data(w.lm_head.bias)), lm_head_lp=w.lm_head.weight.data if mixed else None)
     per_model[dtype] = (_signature(w), cw)  # after re-pointing, so the next call hits
     return cw
+
+
+def _mixed_linear_applies(w: DecoderWeights, dtype: torch.dtype) -> bool:
+    """fp32 compute of a bf16/fp16 model on CPU with the compiled kernel: keep the originals for small M."""
+    if dtype != torch.float32 or w.embed.weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if w.embed.weight.device.type != "cpu":
+        return False
+    from .. import ops
+    return "cpu" in ops.available_backends()["cpu"]
 
 
 def _data(t):
@@ -130,9 +151,17 @@ def _fused_copy(linears: list[nn.Linear], dtype):
 
 
 def _fuse_in_place(linears: list[nn.Linear]):
-    """Concatenate the weights (and biases) of ``linears`` and re-point each module at its slice."""
-    W = torch.cat([m.weight.data for m in linears], dim=0)
+    """Concatenate the weights (and biases) of ``linears`` and re-point each module at its slice.
+
+    Already fused (each weight the next slice of one storage, as a previous call leaves them): the fused
+    view is returned without copying, so cache entries for two compute dtypes do not re-fuse each other."""
+    W = _fused_view([m.weight.data for m in linears])
     b = None
+    if all(m.bias is not None for m in linears):
+        b = _fused_view([m.bias.data for m in linears])
+    if W is not None and (b is not None or not any(m.bias is not None for m in linears)):
+        return W, b
+    W = torch.cat([m.weight.data for m in linears], dim=0)
     if any(m.bias is not None for m in linears):
         b = torch.cat([m.bias.data if m.bias is not None else
                        torch.zeros(m.out_features, dtype=W.dtype, device=W.device) for m in linears])
@@ -144,3 +173,18 @@ def _fuse_in_place(linears: list[nn.Linear]):
             m.bias.data = b[off:off + n]
         off += n
     return W, b
+
+
+def _fused_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor over ``parts`` concatenated on dim 0 when they already lie back to back in one storage."""
+    first = parts[0]
+    if not all(p.is_contiguous() and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] and
+               p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for p in parts):
+        return None
+    off = first.storage_offset()
+    for p in parts:
+        if p.storage_offset() != off:
+            return None
+        off += p.numel()
+    rows = sum(p.shape[0] for p in parts)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))

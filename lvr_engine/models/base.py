@@ -66,8 +66,10 @@ class ModelAdapter(abc.ABC):
     def decoder_weights(self) -> DecoderWeights:
         """The decoder's parts (cached by the adapter)."""
 
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Per image, its (n_tokens_i, hidden) input-level embeddings (vision tower + merger)."""
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                      compute_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """Per image, its (n_tokens_i, hidden) input-level embeddings (vision tower + merger), computed in
+        ``compute_dtype`` when given (inference; the engine's compute dtype), else in the model's dtype."""
         raise TypeError(f"{type(self.model).__name__} has no vision tower")
 
     def image_token_counts(self, image_grid_thw: torch.Tensor) -> list[int]:

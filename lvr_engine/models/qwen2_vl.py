@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import DecoderWeights, LayerWeights, ModelAdapter
+from .converted import converted
 
 
 def _text_decoder_weights(text_model, lm_head, text_config, mrope_section) -> DecoderWeights:
@@ -66,9 +67,13 @@ class Qwen2VLAdapter(ModelAdapter):
     def image_token_counts(self, image_grid_thw: torch.Tensor) -> list[int]:
         return (image_grid_thw.prod(-1) // self.spatial_merge_size**2).tolist()
 
-    def encode_images(self, pixel_values, image_grid_thw):
+    def encode_images(self, pixel_values, image_grid_thw, compute_dtype=None):
         """Per image (n_i, hidden) embeddings; images go through the tower in groups of <= VISION_GROUP_PATCHES
-        patches (always at least one image per group)."""
+        patches (always at least one image per group). ``compute_dtype`` (inference only): run the tower in that
+        dtype from a cached converted copy (models/converted.py) when the model is stored in another."""
+        visual = self.model.model.visual
+        if compute_dtype is not None and compute_dtype != visual.dtype and not torch.is_grad_enabled():
+            visual = converted(visual, compute_dtype)
         patches = image_grid_thw.prod(-1).tolist()
         out, start, i = [], 0, 0
         while i < len(patches):
@@ -76,9 +81,10 @@ class Qwen2VLAdapter(ModelAdapter):
             while j < len(patches) and n + patches[j] <= VISION_GROUP_PATCHES:
                 n += patches[j]
                 j += 1
-            feats = self.model.model.get_image_features(pixel_values[start:start + n], image_grid_thw[i:j],
-                                                        return_dict=True)
-            out.extend(feats.pooler_output)
+            # what Qwen2VLModel.get_image_features does, on the tower chosen above
+            feats = visual(pixel_values[start:start + n].to(visual.dtype), grid_thw=image_grid_thw[i:j],
+                           return_dict=True).pooler_output
+            out.extend(torch.split(feats, self.image_token_counts(image_grid_thw[i:j])))
             start, i = start + n, j
         return out
 

@@ -14,6 +14,7 @@ __all__ = [
     "image_attention_scores",
     "select_and_feedback",
     "chunk_attention_with_scores",
+    "mixed_linear",
     "available_backends",
     "resolve_backend",
     "reference",
@@ -35,3 +36,10 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     return get_impl("chunk_attention_with_scores", backend, q)(
         q, k_cache, v_cache, seq_lens, image_slots, scores, scale
     )
+
+
+def mixed_linear(x, weight, bias=None, backend=None):
+    """(..., N) = x (..., K) @ weight (N, K)^T + bias: fp32 activations, a bf16/fp16 weight read as stored and
+    widened on the fly (CPU kernel; torch reference elsewhere). For small-M forwards (decode and latent steps)
+    of a half-precision model computed in fp32: they are bound by the weight bytes streamed from memory."""
+    return get_impl("mixed_linear", backend, x)(x, weight, bias)

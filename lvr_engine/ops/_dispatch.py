@@ -10,7 +10,7 @@ import torch
 from . import reference
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-OPS = ("image_attention_scores", "select_and_feedback", "chunk_attention_with_scores")
+OPS = ("image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,4 +58,7 @@ def get_impl(op: str, backend: str | None, like):
     if backend is None and like.dtype == torch.float64:
         return getattr(reference, op)
     name = resolve_backend(backend, like.device.type)
-    return getattr(_module(name), op)
+    impl = getattr(_module(name), op, None)
+    if impl is None:
+        raise NotImplementedError(f"op {op!r} has no {name!r} backend")
+    return impl

@@ -12,7 +12,7 @@ from .. import _C  # noqa: F401  (loads the library: registers the schema and CP
 
 _ops = torch.ops.lvr_engine
 
-__all__ = ["image_attention_scores", "select_and_feedback", "chunk_attention_with_scores"]
+__all__ = ["image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear"]
 
 
 @torch.library.register_fake("lvr_engine::image_attention_scores")
@@ -28,6 +28,11 @@ def _select_and_feedback_fake(scores, available, image_embeds, hidden, k, out):
 @torch.library.register_fake("lvr_engine::chunk_attention_with_scores")
 def _chunk_attention_with_scores_fake(q, k_cache, v_cache, seq_lens, image_slots, scores, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lvr_engine::mixed_linear")
+def _mixed_linear_fake(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
@@ -56,3 +61,9 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     last query's probabilities on image_slots (B,I) summed over heads, as image_attention_scores.
     """
     return _ops.chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, float(scale))
+
+
+def mixed_linear(x, weight, bias=None):
+    """x (..., K) float32 @ weight (N, K) bf16/fp16 ^T + bias (N,) -> (..., N) float32, fp32 arithmetic on the
+    half-precision weight read as stored (csrc/mixed_linear.cpp)."""
+    return _ops.mixed_linear(x, weight, bias)

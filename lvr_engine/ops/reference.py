@@ -99,3 +99,9 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
         gathered = torch.gather(last, 1, slots.clamp(min=0))
         scores += torch.where(slots >= 0, gathered, torch.zeros_like(gathered)).to(scores.dtype)
     return out
+
+
+def mixed_linear(x, weight, bias=None):
+    """x (..., K) float @ weight (N, K)^T + bias (N,) -> (..., N) in x's dtype; weight in any precision is
+    widened to x's dtype first (exact for bf16/fp16 -> fp32), so this is the matmul on the converted weight."""
+    return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
