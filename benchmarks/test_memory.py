@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -67,25 +69,27 @@ def child():
     el = torch.empty(0, dtype=gen.runner.compute_dtype).element_size()  # KV cache and activations
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    # On a CPU without native bf16 the lean runner computes in fp32 from a converted copy of the decoder's
-    # matrices (engine/weights.py); that copy is part of the budget, counted at its real size.
-    compute_copy = 0
-    if gen.runner.compute_dtype != torch.bfloat16:
-        from lvr_engine.engine.weights import _params
-        compute_copy = sum(p.numel() * el for p in _params(gen.runner.w))
+    # On a CPU without native bf16 the lean runner computes in fp32 from its own copy of the decoder's matrices
+    # (bf16 panels packed for ops.mixed_linear, or an fp32 copy; engine/weights.py) and runs the vision tower
+    # from an fp32 copy (models/converted.py). Both are part of the budget, counted at their real size.
+    compute_copy = _bytes_not_in(_compute_tensors(gen.runner), model)
+    vision_copy = _bytes_not_in(_converted_tensors(model), model)
     L, H, Hkv, h, I = (tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads, tc.hidden_size,
                        tc.intermediate_size)
     D = h // H
     B, S = batch["input_ids"].shape
     S_total = S + N_LATENT * (K_PATCHES + 1) + ANSWER_TOKENS
     kv = L * 2 * B * Hkv * S_total * D * el
-    # prefill, the largest live tensors of one layer: fused gate/up output (B,S,2I) + act*up (B,S,I)
-    # = 3 x B*S*I; residual, normed input, qkv, attention output ~ 4 x B*S*h; the SDPA scores B*H*S*S fp32
-    # if the kernel materialises them (the CPU flash kernel does not: it works in per-thread blocks).
-    from lvr_engine.engine.runner import MLP_CHUNK_TOKENS  # the inference MLP runs over token chunks
-    mlp_act = 3 * min(B * S, MLP_CHUNK_TOKENS) * I * el
-    hid_act = 4 * B * S * h * el
-    sdpa_scores = B * H * S * S * 4
+    # prefill: the runner runs groups of Bg whole rows of at most PREFILL_CHUNK_TOKENS tokens (runner.py); the
+    # largest live tensors of one layer for one group: fused gate/up output (t,2I) + act*up (t,I) = 3 x t*I over
+    # an MLP chunk of t <= MLP_CHUNK_TOKENS tokens; residual, normed input, qkv, attention output ~ 4 x Bg*S*h;
+    # the gathered group outputs B*S*h; SDPA scores Bg*H*S*S fp32 if the kernel materialised them (the CPU
+    # flash kernel does not: it works in per-thread blocks), an upper bound.
+    from lvr_engine.engine.runner import MLP_CHUNK_TOKENS, PREFILL_CHUNK_TOKENS
+    Bg = min(B, max(1, PREFILL_CHUNK_TOKENS // S))
+    mlp_act = 3 * min(Bg * S, MLP_CHUNK_TOKENS) * I * el
+    hid_act = 4 * Bg * S * h * el + B * S * h * el
+    sdpa_scores = Bg * H * S * S * 4
     prefill_act = mlp_act + hid_act + sdpa_scores
     # vision tower (HF code, SDPA): bf16 copy of pixel_values (P, 3*2*14*14) and the conv's reordered copy,
     # or later q/k rotated in fp32 (HF upcasts: ~4 x P*embed*4) + the block MLP (2 x P*embed*mlp_ratio*2)
@@ -95,14 +99,60 @@ def child():
     vision_act = max(2 * P * batch["pixel_values"].shape[1] * el,
                      4 * P * vc.embed_dim * 4 + 2 * P * vc.embed_dim * vc.mlp_ratio * el)
     activations = max(prefill_act, vision_act)
-    paper = weights + compute_copy + kv + activations
+    paper = weights + compute_copy + vision_copy + kv + activations
     res = dict(batch=B, prompt=S, S_total=S_total, base_rss=base, peak_rss=peak, peak_before_build=peak_before,
                after_build_rss=after_build, **phase, after_generate_rss=after_generate, delta=peak - base,
                input_bytes=input_bytes, weights=weights, kv=kv, mlp_act=mlp_act, hid_act=hid_act,
-               sdpa_scores=sdpa_scores, prefill_act=prefill_act, vision_act=vision_act, activations=activations,
-               paper=paper, compute_copy=compute_copy, compute_dtype=str(gen.runner.compute_dtype), el=el, layers=L, heads=H, kv_heads=Hkv, head_dim=D, hidden=h, intermediate=I,
+               sdpa_scores=sdpa_scores, group_rows=Bg, prefill_act=prefill_act, vision_act=vision_act, activations=activations,
+               paper=paper, compute_copy=compute_copy, vision_copy=vision_copy, compute_dtype=str(gen.runner.compute_dtype), el=el, layers=L, heads=H, kv_heads=Hkv, head_dim=D, hidden=h, intermediate=I,
                n_params=sum(p.numel() for p in model.parameters()))
     print("MEMORY_JSON " + json.dumps(res))
+
+
+def _compute_tensors(runner):
+    """Every tensor the runner's compute-weight cache holds (packed panels included)."""
+    import dataclasses
+
+    from lvr_engine.engine.weights import PackedWeight, compute_weights
+    cw = compute_weights(runner.w, runner.compute_dtype)
+    out = []
+
+    def walk(v):
+        if isinstance(v, PackedWeight):
+            out.append(v.panels)
+        elif isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif dataclasses.is_dataclass(v):
+            for f in dataclasses.fields(v):
+                walk(getattr(v, f.name))
+    if cw is not None:
+        walk(cw)
+    return out
+
+
+def _converted_tensors(model):
+    """Parameters and buffers of the converted (compute-dtype) copies cached for ``model``'s parts."""
+    from lvr_engine.models.converted import _CACHE
+    out = []
+    for module in model.modules():
+        for _, copy_ in _CACHE.get(module, {}).values():
+            out += list(copy_.parameters()) + list(copy_.buffers())
+    return out
+
+
+def _bytes_not_in(tensors, model):
+    """Bytes of the distinct storages among ``tensors`` that the model's own parameters/buffers do not hold."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen, total = set(), 0
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _describe(r):
@@ -117,16 +167,19 @@ def _describe(r):
         f"{m(r['peak_after_vision'] - r['base_rss'])} (RSS then {m(r['rss_after_vision'] - r['base_rss'])}), "
         f"end of generate {m(r['delta'])}",
         f"weights: {r['n_params']:,} params x 2 bytes (bf16, vision tower included) = {m(r['weights'])}",
-        f"compute dtype {r['compute_dtype']}: converted copy of the decoder matrices = {m(r['compute_copy'])}",
+        f"compute dtype {r['compute_dtype']}: the runner's copy of the decoder matrices (bf16 panels for "
+        f"mixed_linear + fp32 norms/biases) = {m(r['compute_copy'])}; fp32 copy of the vision tower = "
+        f"{m(r['vision_copy'])}",
         f"KV cache: {r['layers']} layers x 2 x B {r['batch']} x Hkv {r['kv_heads']} x S_total {r['S_total']} x "
         f"D {r['head_dim']} x {r['el']} bytes = {m(r['kv'])}",
-        f"prefill activations: MLP 3 x min(B*S, 1024-token chunk)*I*{r['el']} = 3 x 1024*{r['intermediate']}*{r['el']} = "
-        f"{m(r['mlp_act'])}; hidden 4 x B*S*h*{r['el']} = {m(r['hid_act'])}; SDPA scores B*H*S*S*4 = "
-        f"{r['batch']}*{r['heads']}*{r['prompt']}^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU flash kernel "
-        f"does not materialise them) -> {m(r['prefill_act'])}",
+        f"prefill activations (groups of {r['group_rows']} rows): MLP 3 x min(group tokens, 1024-token chunk)*I*"
+        f"{r['el']} = {m(r['mlp_act'])}; hidden 4 x {r['group_rows']}*S*h*{r['el']} + gathered outputs B*S*h*{r['el']} "
+        f"= {m(r['hid_act'])}; SDPA scores {r['group_rows']}*H*S^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU "
+        f"flash kernel does not materialise them) -> {m(r['prefill_act'])}",
         f"vision activations (one group of images): max(2 x bf16 pixels, fp32 rotary q/k + block MLP) = "
         f"{m(r['vision_act'])}",
-        f"paper = weights + compute copy + KV + max(prefill, vision) = {m(r['weights'])} + {m(r['compute_copy'])} + "
+        f"paper = weights + compute copy + vision copy + KV + max(prefill, vision) = {m(r['weights'])} + "
+        f"{m(r['compute_copy'])} + {m(r['vision_copy'])} + "
         f"{m(r['kv'])} + {m(r['activations'])}"
         f" = {m(r['paper'])};  delta / paper = {r['delta'] / r['paper']:.2f} (limit {TOLERANCE})",
     ]

@@ -1,16 +1,16 @@
-// mixed_linear: y (M,N) fp32 = x (M,K) fp32 @ W (N,K)^T + bias, W stored in bf16 or fp16, fp32 arithmetic.
+// mixed_linear: y (M,N) fp32 = x (M,K) fp32 @ W (N,K)^T + bias, W stored in bf16, fp32 arithmetic.
 //
 // Why: a decode or latent step multiplies few rows (M = batch x chunk) by every weight of the model, so it
 // is bound by the bytes of weights streamed from memory. On a CPU without native bf16 the engine computes a
-// bf16 model in fp32; reading the fp32 copy streams twice the bytes of the bf16 original. This kernel reads
-// the original and widens it on the fly (exact: bf16 is the top half of an fp32), so results equal an fp32
-// matmul on the converted weights up to summation order.
+// bf16 model in fp32; an fp32 copy of the weights streams twice the bytes of the bf16 original. This kernel
+// reads bf16 and widens in registers (exact: bf16 is the top half of an fp32), so results equal an fp32
+// matmul on the widened weights up to summation order.
 //
-// Work split: tasks own blocks of kRowsW weight rows. A task widens its block into an fp32 scratch once
-// (L1-resident) and multiplies it with every x row, 3 rows at a time: 4 x 3 accumulators in registers, each
-// weight load reused for three rows and each x load for four weight rows. (A k-major packed block with an
-// sgemm-style 16x6 register tile measured slower here: the transposing pack costs more than the horizontal
-// sums it saves at these row counts.)
+// Layout: W is pre-packed once (ops.pack_mixed_weight) into panels of 16 output rows, k-major:
+// packed[p][k][:] = W[16p + r][k] for r in PANEL_ORDER (rows past N zero; see ld16_bf16 for the order). Per k, one panel row is two 8-lane vectors of outputs,
+// so the register tile is that of an sgemm micro-kernel: 6 x rows x 16 outputs = 12 accumulators, each
+// weight vector reused for 6 rows, each broadcast x value for 16 outputs, no horizontal sums.
+// Work split: tasks own panels; x rows go 6 at a time through each panel (the panel stays in L1/L2).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,139 +19,138 @@
 #include "cpu_vec.h"
 
 #include <algorithm>
-#include <vector>
 
 namespace lvr_engine {
 namespace {
 
-constexpr int kRowsW = 4;
+constexpr int kPanel = 16;  // output rows per packed panel: two 8-float vectors
+constexpr int kRowsX = 6;   // x rows per register tile
+constexpr int64_t kBlockM = 120;  // at most this many x rows per task: <= ~240-660 KB of x for K = 512-1376
 
-// y[m*ldy + r] = sum_k w[r*K + k] * x[m*ldx + k] for r < 4, m < 3 (the full tile).
-LVR_CLONES
-void tile_4x3(const float* __restrict x, int64_t ldx, const float* __restrict w, int K, float* __restrict y,
-              int64_t ldy) {
-  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx;
-  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
-  v8 a00 = {}, a01 = {}, a02 = {}, a10 = {}, a11 = {}, a12 = {};
-  v8 a20 = {}, a21 = {}, a22 = {}, a30 = {}, a31 = {}, a32 = {};
-  int k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const v8 u0 = ld8(x0 + k), u1 = ld8(x1 + k), u2 = ld8(x2 + k);
-    v8 v = ld8(w0 + k);
-    a00 += v * u0; a01 += v * u1; a02 += v * u2;
-    v = ld8(w1 + k);
-    a10 += v * u0; a11 += v * u1; a12 += v * u2;
-    v = ld8(w2 + k);
-    a20 += v * u0; a21 += v * u1; a22 += v * u2;
-    v = ld8(w3 + k);
-    a30 += v * u0; a31 += v * u1; a32 += v * u2;
-  }
-  float s[4][3] = {{hsum8(a00), hsum8(a01), hsum8(a02)}, {hsum8(a10), hsum8(a11), hsum8(a12)},
-                   {hsum8(a20), hsum8(a21), hsum8(a22)}, {hsum8(a30), hsum8(a31), hsum8(a32)}};
-  for (; k < K; ++k)
-    for (int r = 0; r < 4; ++r) {
-      s[r][0] += w[r * K + k] * x0[k];
-      s[r][1] += w[r * K + k] * x1[k];
-      s[r][2] += w[r * K + k] * x2[k];
-    }
-  for (int m = 0; m < 3; ++m)
-    for (int r = 0; r < 4; ++r) y[m * ldy + r] = s[r][m];
+constexpr int kBlockK = 128;  // k steps accumulated in registers before being added to the running sum
+
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x16u __attribute__((vector_size(32), aligned(2), may_alias));
+
+// One packed panel row (16 bf16) widened to two fp32 vectors: outputs 0-7 and 8-15. The packing stores the
+// row as [r0-3, r8-11, r4-7, r12-15] so that each half is one in-lane interleave with zeros (vpunpck[lh]wd):
+// the bf16 bits land in the high half of each fp32, which is the exact widening.
+inline void ld16_bf16(const uint16_t* p, v8& lo, v8& hi) {
+  const u16x16 w = *reinterpret_cast<const u16x16u*>(p);
+  const u16x16 z = {};
+  const u16x16 a = __builtin_shufflevector(z, w, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+  const u16x16 b = __builtin_shufflevector(z, w, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  std::memcpy(&lo, &a, sizeof(lo));
+  std::memcpy(&hi, &b, sizeof(hi));
 }
 
-// The same for one x row.
-LVR_CLONES
-void tile_4x1(const float* __restrict x, const float* __restrict w, int K, float* __restrict y) {
-  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
-  v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  int k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const v8 u = ld8(x + k);
-    a0 += ld8(w0 + k) * u; a1 += ld8(w1 + k) * u; a2 += ld8(w2 + k) * u; a3 += ld8(w3 + k) * u;
-  }
-  float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-  for (; k < K; ++k)
-    for (int r = 0; r < 4; ++r) s[r] += w[r * K + k] * x[k];
-  for (int r = 0; r < 4; ++r) y[r] = s[r];
-}
-
-LVR_CLONES
-void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int n) {
-  for (int i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &bits, sizeof(float));
-  }
-}
-
-void widen(const c10::BFloat16* src, float* dst, int n) { widen_bf16(reinterpret_cast<const uint16_t*>(src), dst, n); }
-void widen(const c10::Half* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename T>
-void mixed_linear_impl(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const float* xp = x.const_data_ptr<float>();
-  const T* wp = w.const_data_ptr<T>();
-  float* yp = y.data_ptr<float>();
-  const int64_t blocks = (N + kRowsW - 1) / kRowsW;
-  // ~16k weights per task at least: fewer, larger tasks when M is small (each task is then memory-bound).
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * kRowsW, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> wf(kRowsW * K);
-    float out[3 * kRowsW];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * kRowsW;
-      const int nr = static_cast<int>(std::min<int64_t>(kRowsW, N - n0));
-      for (int r = 0; r < nr; ++r) widen(wp + (n0 + r) * K, wf.data() + r * K, static_cast<int>(K));
-      if (nr < kRowsW) std::fill(wf.begin() + nr * K, wf.end(), 0.f);  // a partial block: zero rows
-      int64_t m = 0;
-      for (; m + 3 <= M; m += 3) {
-        tile_4x3(xp + m * K, K, wf.data(), static_cast<int>(K), out, kRowsW);
-        for (int i = 0; i < 3; ++i)
-          for (int r = 0; r < nr; ++r) yp[(m + i) * N + n0 + r] = out[i * kRowsW + r] + (bias ? bias[n0 + r] : 0.f);
-      }
-      for (; m < M; ++m) {
-        tile_4x1(xp + m * K, wf.data(), static_cast<int>(K), out);
-        for (int r = 0; r < nr; ++r) yp[m * N + n0 + r] = out[r] + (bias ? bias[n0 + r] : 0.f);
+// y[m*ldy + r] = bias[r] + sum_k x[m*ldx + k] * W[r][k], m < MR, r < 16. The k axis runs in blocks of kBlockK
+// summed separately (fp32 rounding error grows with the length of one accumulation chain, as in sgemm).
+template <int MR>
+__attribute__((always_inline)) inline void tile(const float* __restrict x, int64_t ldx,
+                                                const uint16_t* __restrict panel, int64_t K,
+                                                const float* __restrict bias, float* __restrict y, int64_t ldy) {
+  v8 s0[MR], s1[MR];
+  for (int m = 0; m < MR; ++m) s0[m] = v8{}, s1[m] = v8{};
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + kBlockK);
+    v8 c0[MR], c1[MR];
+    for (int m = 0; m < MR; ++m) c0[m] = v8{}, c1[m] = v8{};
+    for (int64_t k = k0; k < k1; ++k) {
+      v8 w0, w1;
+      ld16_bf16(panel + k * kPanel, w0, w1);
+      for (int m = 0; m < MR; ++m) {
+        const float xm = x[m * ldx + k];
+        c0[m] += xm * w0;
+        c1[m] += xm * w1;
       }
     }
-  });
+    for (int m = 0; m < MR; ++m) s0[m] += c0[m], s1[m] += c1[m];
+  }
+  const v8 b0 = ld8(bias), b1 = ld8(bias + 8);
+  for (int m = 0; m < MR; ++m) st8(y + m * ldy, s0[m] + b0), st8(y + m * ldy + 8, s1[m] + b1);
 }
 
-at::Tensor mixed_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in) {
+// One clone set per tile height: the full 6-row tile and the remainders 1..5 (each keeps its accumulators in
+// registers; a 1-row loop over the remainder would cost a full tile per row).
+#define LVR_TILE(MR)                                                                                         \
+  LVR_CLONES void tile_##MR(const float* x, int64_t ldx, const uint16_t* panel, int64_t K, const float* bias, \
+                            float* y, int64_t ldy) {                                                         \
+    tile<MR>(x, ldx, panel, K, bias, y, ldy);                                                                \
+  }
+LVR_TILE(1)
+LVR_TILE(2)
+LVR_TILE(3)
+LVR_TILE(4)
+LVR_TILE(5)
+LVR_TILE(6)
+#undef LVR_TILE
+
+using TileFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t);
+constexpr TileFn kTiles[kRowsX + 1] = {nullptr, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
+
+at::Tensor mixed_linear_cpu(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t N,
+                            const c10::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "mixed_linear: x must be float32, got ", x_in.scalar_type());
-  TORCH_CHECK(weight_in.dim() == 2, "mixed_linear: weight must be (N,K), got ", weight_in.sizes());
-  const auto wt = weight_in.scalar_type();
-  TORCH_CHECK(wt == at::kBFloat16 || wt == at::kHalf, "mixed_linear: weight must be bfloat16 or float16, got ", wt);
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == weight_in.size(1), "mixed_linear: x (..., K) with K=",
-              weight_in.size(1), " expected for weight ", weight_in.sizes(), ", got x ", x_in.sizes());
-  TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(), "mixed_linear (cpu): tensors must be on CPU");
-  const int64_t N = weight_in.size(0), K = weight_in.size(1);
-  at::Tensor bias;
+  TORCH_CHECK(packed_in.scalar_type() == at::kBFloat16, "mixed_linear: packed weight must be bfloat16, got ",
+              packed_in.scalar_type());
+  TORCH_CHECK(packed_in.dim() == 3 && packed_in.size(2) == kPanel,
+              "mixed_linear: packed weight must be (ceil(N/16), K, 16) from ops.pack_mixed_weight, got ",
+              packed_in.sizes());
+  const int64_t P = packed_in.size(0), K = packed_in.size(1);
+  TORCH_CHECK(N > (P - 1) * kPanel && N <= P * kPanel, "mixed_linear: out_features=", N, " does not match ", P,
+              " packed panels of 16 rows");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "mixed_linear: x (..., K) with K=", K,
+              " expected for the packed weight ", packed_in.sizes(), ", got x ", x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu() && packed_in.device().is_cpu(), "mixed_linear (cpu): tensors must be on CPU");
+  at::Tensor bias = at::zeros({P * kPanel}, x_in.options());
   if (bias_in.has_value() && bias_in->defined()) {
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "mixed_linear: bias must be (N=", N, "), got ",
                 bias_in->sizes());
-    bias = bias_in->to(at::kFloat).contiguous();
+    bias.narrow(0, 0, N).copy_(*bias_in);
   }
   auto out_shape = x_in.sizes().vec();
   out_shape.back() = N;
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
-  const at::Tensor w = weight_in.contiguous();
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  if (x.size(0) > 0 && N > 0) {
-    const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-    if (wt == at::kBFloat16)
-      mixed_linear_impl<c10::BFloat16>(x, w, bp, y);
-    else
-      mixed_linear_impl<c10::Half>(x, w, bp, y);
-  }
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y.view(out_shape);
+  const float* xp = x.const_data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
+  const float* bp = bias.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Tasks are (block of kBlockM x rows, panel), row-block-major: a thread's consecutive tasks reuse one block of x
+  // from L2 while panels stream by. At least ~16k weights x rows of work per task.
+  const int64_t MB = (M + kBlockM - 1) / kBlockM;
+  const int64_t bm = (M + MB - 1) / MB;  // equal row blocks (132 rows: 66 + 66, not 120 + 12)
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * kPanel * bm, 1));
+  at::parallel_for(0, MB * P, grain, [&](int64_t begin, int64_t end) {
+    float out[kRowsX * kPanel];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = t % P, m_end = std::min<int64_t>(M, (t / P + 1) * bm);
+      const uint16_t* panel = wp + p * K * kPanel;
+      const int64_t n0 = p * kPanel;
+      const int nr = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
+      const float* b = bp + n0;
+      for (int64_t m = (t / P) * bm; m < m_end; m += kRowsX) {
+        const int mr = static_cast<int>(std::min<int64_t>(kRowsX, m_end - m));
+        if (nr == kPanel) {
+          kTiles[mr](xp + m * K, K, panel, K, b, yp + m * N + n0, N);
+        } else {  // the last, partial panel: through a scratch tile
+          kTiles[mr](xp + m * K, K, panel, K, b, out, kPanel);
+          for (int i = 0; i < mr; ++i) std::copy(out + i * kPanel, out + i * kPanel + nr, yp + (m + i) * N + n0);
+        }
+      }
+    }
+  });
   return y.view(out_shape);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lvr_engine, m) {
-  m.def("mixed_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("mixed_linear(Tensor x, Tensor packed_weight, int out_features, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lvr_engine, CPU, m) { m.impl("mixed_linear", &mixed_linear_cpu); }

@@ -45,25 +45,26 @@ def test_in_place_weight_updates_are_seen():
     assert not (torch.equal(after.sequences, before.sequences) and torch.equal(after.selected, before.selected))
 
 
-@pytest.mark.parametrize("rows", [ROWS, ROWS * 4], ids=["mixed_linear", "fp32_copy"])
-def test_fp32_compute_of_a_bf16_model_equals_the_upcast_model(rows, monkeypatch):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_bf16", "fp32_copy"])
+def test_fp32_compute_of_a_bf16_model_equals_the_upcast_model(packed, monkeypatch):
     """fp32 compute of a bf16 model (vision tower included) gives the tokens of the model upcast to fp32, both
-    when small forwards read the bf16 weights through ops.mixed_linear and when every forward uses the fp32 copy."""
+    with the bf16 weights packed for ops.mixed_linear (the CPU default) and with an fp32 copy."""
     import lvr_engine.engine.runner as runner_mod
+    import lvr_engine.engine.weights as weights_mod
 
-    if rows is not ROWS:  # every forward over the fp32 copy
-        monkeypatch.setattr(runner_mod, "MIXED_MAX_ROWS", 0)
+    if not packed:
+        monkeypatch.setattr(weights_mod, "packs_for_mixed_linear", lambda w, dtype: False)
     bf16 = tiny_vlm(seed=9, dtype=torch.bfloat16)
     up = copy.deepcopy(bf16).float()
     cfg = LatentConfig(num_latent_steps=2, num_selected_patches=4)
-    batch, _ = make_batch(rows, seed=3)
+    batch, _ = make_batch(ROWS, seed=3)
     a = LatentGenerator(bf16, cfg, compute_dtype=torch.float32)
     assert a.runner.compute_dtype == torch.float32
     calls = []
     real = runner_mod.ops.mixed_linear
     monkeypatch.setattr(runner_mod.ops, "mixed_linear", lambda *a_, **k: calls.append(1) or real(*a_, **k))
     out_a = a.generate(**batch, max_new_tokens=6)
-    uses_kernel = "cpu" in ops.available_backends()["cpu"] and rows is ROWS
+    uses_kernel = "cpu" in ops.available_backends()["cpu"] and packed
     assert bool(calls) == uses_kernel
     out_b = LatentGenerator(up, cfg).generate(**batch, max_new_tokens=6)
     assert torch.equal(out_a.sequences, out_b.sequences) and torch.equal(out_a.selected, out_b.selected)

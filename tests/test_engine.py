@@ -196,3 +196,23 @@ def test_chunked_inference_mlp_gives_same_outputs(vlm_qwen2, monkeypatch):
     monkeypatch.setattr(runner_mod, "MLP_CHUNK_TOKENS", 16)  # prefill of ~80 tokens x 3 rows: many chunks
     chunked = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
     assert torch.equal(whole.sequences, chunked.sequences) and torch.equal(whole.selected, chunked.selected)
+
+
+@pytest.mark.parametrize("rows_per_group", [1, 2])
+def test_prefill_in_row_groups_gives_same_outputs(vlm_qwen2, monkeypatch, rows_per_group):
+    """Rows are independent in a prefill: groups of rows (each group's own cache rows, lens and scores) give the
+    tokens and selections of one pass over the batch."""
+    import lvr_engine.engine.runner as runner_mod
+    from lvr_engine.engine.kv_cache import StaticKVCache
+
+    cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4)
+    batch, _ = make_batch(ROWS, seed=4)
+    whole = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
+    S = int(batch["attention_mask"].sum(1).max())  # the compact prompt length (+ nothing: no start marker)
+    monkeypatch.setattr(runner_mod, "PREFILL_CHUNK_TOKENS", rows_per_group * S)
+    groups = []
+    real_rows = StaticKVCache.rows
+    monkeypatch.setattr(StaticKVCache, "rows", lambda self, a, b: groups.append((a, b)) or real_rows(self, a, b))
+    grouped = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
+    assert len(groups) == -(-len(ROWS) // rows_per_group)  # the prompts really went through in groups
+    assert torch.equal(whole.sequences, grouped.sequences) and torch.equal(whole.selected, grouped.selected)

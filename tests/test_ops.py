@@ -300,44 +300,61 @@ def test_select_and_feedback_ties_lower_index_wins(backend, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# mixed_linear: fp32 activations x half-precision weights (CPU kernel), against a float64 matmul.
+# mixed_linear: fp32 activations x bf16 weights in packed panels (CPU kernel), against a float64 matmul.
 
 needs_cpu = pytest.mark.skipif("cpu" not in BACKEND_IDS, reason="lvr_engine._C not built")
 
 
+def test_pack_mixed_weight_round_trip():
+    w = torch.randn(37, 11).bfloat16()
+    packed = ops.pack_mixed_weight(w)
+    assert packed.shape == (3, 11, 16) and packed.dtype == torch.bfloat16
+    assert torch.equal(reference.unpack_mixed_weight(packed, 37), w)
+    assert torch.equal(packed[0, 5], w[list(reference.MIXED_PANEL_ORDER), 5])  # k-major, rows in panel order
+    # rows past N are zero
+    assert torch.equal(reference.unpack_mixed_weight(packed, 48)[37:], torch.zeros(11, 11, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="bfloat16"):
+        ops.pack_mixed_weight(w.float())
+
+
 @needs_cpu
-@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-@pytest.mark.parametrize("lead,N,K", [((1,), 768, 512), ((2, 5), 7, 13), ((33,), 37, 72), ((4,), 4, 8),
-                                      ((3, 1), 130, 1376), ((0,), 5, 16), ((7,), 1, 3)])
+@pytest.mark.parametrize("lead,N,K", [((1,), 768, 512), ((2, 5), 7, 13), ((33,), 37, 72), ((4,), 16, 8),
+                                      ((3, 1), 130, 1376), ((0,), 5, 16), ((7,), 1, 3), ((250,), 50, 300)])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_mixed_linear_matches_float64(lead, N, K, wdtype, with_bias):
+def test_mixed_linear_matches_float64(lead, N, K, with_bias):
+    """Row counts cover every tile height (1..6 rows), several row blocks (250) and a partial last panel."""
     g = torch.Generator().manual_seed(N * 131 + K)
     x = torch.randn(*lead, K, generator=g)
-    w = torch.randn(N, K, generator=g).to(wdtype)
+    w = torch.randn(N, K, generator=g).bfloat16()
     b = torch.randn(N, generator=g) if with_bias else None
-    y = ops.mixed_linear(x, w, b, backend="cpu")
+    y = ops.mixed_linear(x, ops.pack_mixed_weight(w), N, b, backend="cpu")
     assert y.shape == (*lead, N) and y.dtype == torch.float32
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     # an fp32 matmul on the widened weight has error ~ K * eps32 * |x||w|; ours must be as good
-    fp32 = reference.mixed_linear(x, w, b)
-    bound = 2 * _max_err(fp32, want) + 1e-6
-    assert _max_err(y, want) <= bound
+    fp32 = torch.nn.functional.linear(x, w.float(), b)
+    assert _max_err(y, want) <= 2 * _max_err(fp32, want) + 1e-6
+    torch.testing.assert_close(reference.mixed_linear(x, ops.pack_mixed_weight(w), N, b), fp32)
 
 
 @needs_cpu
 def test_mixed_linear_strided_input_and_errors():
     x = torch.randn(6, 40)[:, ::2]  # non-contiguous rows
     w = torch.randn(9, 20).bfloat16()
+    packed = ops.pack_mixed_weight(w)
     want = torch.nn.functional.linear(x.double(), w.double())
-    assert _max_err(ops.mixed_linear(x, w, backend="cpu"), want) < 1e-4
+    assert _max_err(ops.mixed_linear(x, packed, 9, backend="cpu"), want) < 1e-4
     with pytest.raises(RuntimeError, match="K=20"):
-        ops.mixed_linear(torch.randn(3, 21), w, backend="cpu")
+        ops.mixed_linear(torch.randn(3, 21), packed, 9, backend="cpu")
     with pytest.raises(RuntimeError, match="x must be float32"):
-        ops.mixed_linear(torch.randn(3, 20).bfloat16(), w, backend="cpu")
-    with pytest.raises(RuntimeError, match="weight must be bfloat16 or float16"):
-        ops.mixed_linear(torch.randn(3, 20), w.float(), backend="cpu")
+        ops.mixed_linear(torch.randn(3, 20).bfloat16(), packed, 9, backend="cpu")
+    with pytest.raises(RuntimeError, match="packed weight must be bfloat16"):
+        ops.mixed_linear(torch.randn(3, 20), packed.float(), 9, backend="cpu")
+    with pytest.raises(RuntimeError, match="pack_mixed_weight"):
+        ops.mixed_linear(torch.randn(3, 20), w, 9, backend="cpu")
+    with pytest.raises(RuntimeError, match="out_features=17"):
+        ops.mixed_linear(torch.randn(3, 20), packed, 17, backend="cpu")
     with pytest.raises(RuntimeError, match="bias must be"):
-        ops.mixed_linear(torch.randn(3, 20), w, torch.randn(8), backend="cpu")
+        ops.mixed_linear(torch.randn(3, 20), packed, 9, torch.randn(8), backend="cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,7 +372,8 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(lib.image_attention_scores.default, (q[:, -1], k, lens, slots, torch.zeros(2, 6), 0.125, None))
     scores, available, embeds, hidden = _select_inputs(2, 30, 8, torch.float32, "cpu")
     torch.library.opcheck(lib.select_and_feedback.default, (scores, available, embeds, hidden, 4, torch.zeros(2, 5, 8)))
-    torch.library.opcheck(lib.mixed_linear.default, (torch.randn(5, 24), torch.randn(6, 24).bfloat16(), torch.randn(6)))
+    packed = ops.pack_mixed_weight(torch.randn(6, 24).bfloat16())
+    torch.library.opcheck(lib.mixed_linear.default, (torch.randn(5, 24), packed, 6, torch.randn(6)))
 
 
 # ------------------------------------------------------------------------------------------------

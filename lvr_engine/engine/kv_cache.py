@@ -24,6 +24,14 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """A cache over rows [start, stop) sharing this one's storage (writes land here; ``filled`` does not)."""
+        view = object.__new__(StaticKVCache)
+        view.k, view.v, view.lens = self.k[:, start:stop], self.v[:, start:stop], self.lens[start:stop]
+        view.max_len, view.filled = self.max_len, self.filled
+        view._rows = self._rows[: stop - start]
+        return view
+
     def slots(self, chunk: int) -> torch.Tensor:
         """(B, C) cache slots the next ``chunk`` tokens of each row go to."""
         return self.lens[:, None] + torch.arange(chunk, device=self.lens.device)[None, :]

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..models.base import DecoderWeights
-from .weights import compute_weights
+from .kv_cache import StaticKVCache
+from .weights import PackedWeight, compute_weights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,8 +78,21 @@ class DecoderRunner:
 
     # -- forwards -------------------------------------------------------------------------------
     def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None):
-        """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h)."""
-        S = embeds.shape[1]
+        """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h).
+
+        Inference runs the prompts in groups of rows of at most PREFILL_CHUNK_TOKENS tokens (rows are
+        independent in a prefill): a large batch's activations stay those of one group."""
+        B, S = embeds.shape[:2]
+        rows = max(1, PREFILL_CHUNK_TOKENS // max(S, 1))
+        if B > rows and not torch.is_grad_enabled() and isinstance(cache, StaticKVCache):
+            out = torch.empty_like(embeds)
+            for r0 in range(0, B, rows):
+                r1 = min(B, r0 + rows)
+                out[r0:r1] = self.prefill(embeds[r0:r1], positions[:, r0:r1], lens[r0:r1], cache.rows(r0, r1),
+                                          None if image_slots is None else image_slots[r0:r1],
+                                          None if scores is None else scores[r0:r1])
+            cache.filled = S
+            return out
         # Causal attention needs no padding mask here: prompts are left-aligned, so a valid query (slot < lens)
         # only sees keys before it, all valid. Padded queries compute unused values; later steps read the
         # cache only below lens.
@@ -156,7 +170,7 @@ class DecoderRunner:
         h = rms_norm(x, m.in_norm if m else lw.input_norm.weight, self.w.rms_eps)
         if m is not None:
             nq, nk = H * D, Hkv * D
-            qkv = self._linear(h, m.qkv, m.qkv_b, m.qkv_lp)
+            qkv = self._linear(h, m.qkv, m.qkv_b)
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         else:
             q, k, v = lw.attn.q_proj(h), lw.attn.k_proj(h), lw.attn.v_proj(h)
@@ -164,7 +178,7 @@ class DecoderRunner:
         q = _rope(q.view(B, C, H, D), cos, sin)
         k = _rope(k.view(B, C, Hkv, D), cos, sin)
         o = self.attend(i, q, k, v.view(B, C, Hkv, D), cache, ctx).reshape(B, C, H * D)
-        return self._linear(o, m.o, m.o_b, m.o_lp) if m is not None else lw.attn.o_proj(o)
+        return self._linear(o, m.o, m.o_b) if m is not None else lw.attn.o_proj(o)
 
     def _mlp_block(self, i, x):
         lw = self.w.layers[i]
@@ -174,10 +188,11 @@ class DecoderRunner:
             return _mlp_in_chunks(h, m, self._linear)
         return lw.mlp.down_proj(F.silu(lw.mlp.gate_proj(h)) * lw.mlp.up_proj(h))
 
-    def _linear(self, x, w, b, w_lp):
-        """x @ w.T + b on compute weights; few rows read the model's half-precision original instead."""
-        if w_lp is not None and self.backend in (None, "cpu") and x.numel() <= MIXED_MAX_ROWS * x.shape[-1]:
-            return ops.mixed_linear(x, w_lp, b, backend="cpu")
+    def _linear(self, x, w, b):
+        """x @ w.T + b on compute weights: a tensor in the compute dtype, or bf16 panels (PackedWeight)."""
+        if isinstance(w, PackedWeight):
+            return ops.mixed_linear(x, w.panels, w.out_features, b,
+                                    backend="cpu" if self.backend in (None, "cpu") else "torch")
         return F.linear(x, w, b)
 
     def attend(self, i, q, k, v, cache, ctx):
@@ -218,22 +233,19 @@ class DecoderRunner:
         cw = self._mats if (self._mats is not None and not torch.is_grad_enabled()) else self._compute_weights()
         if cw is None:
             return self.w.lm_head(hidden)
-        return self._linear(hidden, cw.lm_head, cw.lm_head_b, cw.lm_head_lp)
+        return self._linear(hidden, cw.lm_head, cw.lm_head_b)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings in the compute dtype."""
         return self.w.embed(ids).to(self.compute_dtype)
 
 
+# Inference prefills run over groups of whole rows of at most this many tokens (one row if it is longer).
+PREFILL_CHUNK_TOKENS = 1024
+
 # Inference MLPs run over at most this many tokens at a time: a batched prefill otherwise holds the
 # (tokens x 2*intermediate) activations of a whole batch at once, the largest buffer of the forward.
 MLP_CHUNK_TOKENS = 1024
-
-# Forwards of at most this many rows (batch x chunk tokens) multiply a half-precision model's own weights
-# with ops.mixed_linear instead of the fp32 copy: decode and latent steps are bound by the weight bytes they
-# stream, not by arithmetic. Measured crossover ~130 rows on a 2-core AVX2 CPU (benchmarks/test_ops.py).
-MIXED_MAX_ROWS = 128
-
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin with two temporaries instead of four (same arithmetic, same order)."""
@@ -243,10 +255,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def _mlp_in_chunks(h: torch.Tensor, m, linear) -> torch.Tensor:
     """SwiGLU MLP of h (B, C, hidden) on fused weights, MLP_CHUNK_TOKENS tokens at a time (inference only).
-    ``linear(x, w, b, w_lp)`` is the runner's projection."""
+    ``linear(x, w, b)`` is the runner's projection."""
     def mlp(x):
-        g, u = linear(x, m.gate_up, m.gate_up_b, m.gate_up_lp).chunk(2, dim=-1)
-        return linear(F.silu(g, inplace=True).mul_(u), m.down, m.down_b, m.down_lp)
+        g, u = linear(x, m.gate_up, m.gate_up_b).chunk(2, dim=-1)
+        return linear(F.silu(g, inplace=True).mul_(u), m.down, m.down_b)
 
     flat = h.reshape(-1, h.shape[-1])
     if flat.shape[0] <= MLP_CHUNK_TOKENS:

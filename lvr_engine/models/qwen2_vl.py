@@ -40,7 +40,7 @@ def _text_decoder_weights(text_model, lm_head, text_config, mrope_section) -> De
 
 # The vision tower attends within each image only, so images can be encoded in groups: this bounds its
 # activation memory (a batch of large images otherwise peaks far above the decoder) at no cost in results.
-VISION_GROUP_PATCHES = 4096
+VISION_GROUP_PATCHES = 1024
 
 
 class Qwen2VLAdapter(ModelAdapter):

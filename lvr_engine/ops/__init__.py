@@ -8,6 +8,7 @@ This package imports nothing else from the project.
 from __future__ import annotations
 
 from . import reference
+from .reference import pack_mixed_weight
 from ._dispatch import available_backends, resolve_backend, get_impl
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "select_and_feedback",
     "chunk_attention_with_scores",
     "mixed_linear",
+    "pack_mixed_weight",
     "available_backends",
     "resolve_backend",
     "reference",
@@ -38,8 +40,8 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     )
 
 
-def mixed_linear(x, weight, bias=None, backend=None):
-    """(..., N) = x (..., K) @ weight (N, K)^T + bias: fp32 activations, a bf16/fp16 weight read as stored and
-    widened on the fly (CPU kernel; torch reference elsewhere). For small-M forwards (decode and latent steps)
-    of a half-precision model computed in fp32: they are bound by the weight bytes streamed from memory."""
-    return get_impl("mixed_linear", backend, x)(x, weight, bias)
+def mixed_linear(x, packed_weight, out_features, bias=None, backend=None):
+    """(..., N) = x (..., K) float32 @ W^T + bias, W (N, K) bf16 packed by ``pack_mixed_weight`` and widened to
+    fp32 on the fly (CPU kernel; torch reference elsewhere). How the engine computes a bf16 model in fp32 on a
+    CPU without native bf16: half the weight bytes of an fp32 copy, fp32 arithmetic."""
+    return get_impl("mixed_linear", backend, x)(x, packed_weight, out_features, bias)

@@ -31,8 +31,8 @@ def _chunk_attention_with_scores_fake(q, k_cache, v_cache, seq_lens, image_slots
 
 
 @torch.library.register_fake("lvr_engine::mixed_linear")
-def _mixed_linear_fake(x, weight, bias=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _mixed_linear_fake(x, packed_weight, out_features, bias=None):
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
@@ -63,7 +63,7 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     return _ops.chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, float(scale))
 
 
-def mixed_linear(x, weight, bias=None):
-    """x (..., K) float32 @ weight (N, K) bf16/fp16 ^T + bias (N,) -> (..., N) float32, fp32 arithmetic on the
-    half-precision weight read as stored (csrc/mixed_linear.cpp)."""
-    return _ops.mixed_linear(x, weight, bias)
+def mixed_linear(x, packed_weight, out_features, bias=None):
+    """x (..., K) float32 @ W^T + bias (N,) -> (..., N) float32; W (N, K) bf16 as (ceil(N/16), K, 16) panels from
+    pack_mixed_weight, widened to fp32 in registers (csrc/mixed_linear.cpp)."""
+    return _ops.mixed_linear(x, packed_weight, int(out_features), bias)

@@ -101,7 +101,34 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     return out
 
 
-def mixed_linear(x, weight, bias=None):
-    """x (..., K) float @ weight (N, K)^T + bias (N,) -> (..., N) in x's dtype; weight in any precision is
-    widened to x's dtype first (exact for bf16/fp16 -> fp32), so this is the matmul on the converted weight."""
-    return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+# mixed_linear's packed weight layout: panels of 16 output rows, k-major, each k-row of a panel stored in this
+# order of its rows (the order the CPU kernel widens bf16 -> fp32 with in-lane interleaves; csrc/mixed_linear.cpp).
+MIXED_PANEL = 16
+MIXED_PANEL_ORDER = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)
+
+
+def pack_mixed_weight(weight):
+    """(N, K) weight -> (ceil(N/16), K, 16) bfloat16 panels: packed[p, k, j] = W[16p + MIXED_PANEL_ORDER[j], k],
+    rows past N zero. One copy, made once per model (engine/weights.py)."""
+    if weight.dim() != 2 or weight.dtype != torch.bfloat16:
+        raise TypeError(f"pack_mixed_weight packs a 2-D bfloat16 weight, got {weight.dtype} {tuple(weight.shape)}")
+    N, K = weight.shape
+    P = -(-N // MIXED_PANEL)
+    padded = weight.new_zeros(P * MIXED_PANEL, K, dtype=torch.bfloat16)
+    padded[:N] = weight.detach()
+    order = torch.tensor(MIXED_PANEL_ORDER, device=weight.device)
+    return padded.view(P, MIXED_PANEL, K)[:, order].transpose(1, 2).contiguous()
+
+
+def unpack_mixed_weight(packed, out_features):
+    """Inverse of pack_mixed_weight: (N, K) bfloat16."""
+    P, K, _ = packed.shape
+    inverse = torch.argsort(torch.tensor(MIXED_PANEL_ORDER, device=packed.device))
+    return packed.transpose(1, 2)[:, inverse].reshape(P * MIXED_PANEL, K)[:out_features]
+
+
+def mixed_linear(x, packed_weight, out_features, bias=None):
+    """x (..., K) float @ W^T + bias -> (..., N) in x's dtype, W (N, K) bf16 given packed (pack_mixed_weight) and
+    widened to x's dtype (exact), so this is the matmul on the widened weight."""
+    w = unpack_mixed_weight(packed_weight, out_features).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
