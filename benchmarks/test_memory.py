@@ -91,7 +91,7 @@ def child():
     hid_act = 4 * Bg * S * h * el + B * S * h * el
     sdpa_scores = Bg * H * S * S * 4
     prefill_act = mlp_act + hid_act + sdpa_scores
-    # vision tower (HF code, SDPA): bf16 copy of pixel_values (P, 3*2*14*14) and the conv's reordered copy,
+    # vision tower (HF code, SDPA): compute-dtype copy of pixel_values (P, 3*2*14*14) and the conv's reordered copy,
     # or later q/k rotated in fp32 (HF upcasts: ~4 x P*embed*4) + the block MLP (2 x P*embed*mlp_ratio*2)
     # the engine encodes images in groups of at most VISION_GROUP_PATCHES patches (models/qwen2_vl.py)
     from lvr_engine.models.qwen2_vl import VISION_GROUP_PATCHES
@@ -176,7 +176,7 @@ def _describe(r):
         f"{r['el']} = {m(r['mlp_act'])}; hidden 4 x {r['group_rows']}*S*h*{r['el']} + gathered outputs B*S*h*{r['el']} "
         f"= {m(r['hid_act'])}; SDPA scores {r['group_rows']}*H*S^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU "
         f"flash kernel does not materialise them) -> {m(r['prefill_act'])}",
-        f"vision activations (one group of images): max(2 x bf16 pixels, fp32 rotary q/k + block MLP) = "
+        f"vision activations (one group of images): max(2 x pixels in the compute dtype, fp32 rotary q/k + block MLP) = "
         f"{m(r['vision_act'])}",
         f"paper = weights + compute copy + vision copy + KV + max(prefill, vision) = {m(r['weights'])} + "
         f"{m(r['compute_copy'])} + {m(r['vision_copy'])} + "

@@ -141,3 +141,41 @@ def test_select_and_feedback(benchmark, device, B, shape, dtype, provider):
 
     idx = benchmark.pedantic(run, setup=setup, rounds=200, warmup_rounds=5)
     assert idx.shape == (B, K)
+
+
+# ------------------------------------------------------------------------------------------------
+# mixed_linear: how the engine computes a bf16 model in fp32 on a CPU without native bf16.
+
+SMALL_MATS = [(768, 512), (512, 512), (2752, 512), (512, 1376)]  # one 'small' layer: qkv, o, gate_up, down
+
+
+@pytest.mark.parametrize("provider", ["mixed_packed_bf16", "fp32_copy", "bf16_native"])
+@pytest.mark.parametrize("M", [1, 33, 264, 960], ids=lambda m: f"M{m}")
+def test_mixed_linear_small_decoder(benchmark, M, provider):
+    """One forward's matrices of the 'small' decoder (8 layers, distinct weights, so they stream from memory as in
+    the engine) for M rows: decode (1), a latent step (33), a batch-8 latent step (264), a prefill group (960).
+    Providers: ops.mixed_linear on packed bf16 panels (the engine), F.linear on an fp32 copy (the previous
+    engine), F.linear in bf16 (torch's emulated bf16 on this CPU)."""
+    if provider == "mixed_packed_bf16" and "cpu" not in ops.available_backends()["cpu"]:
+        pytest.skip("lvr_engine._C not built")
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(n, k, generator=g).bfloat16() for _ in range(8) for n, k in SMALL_MATS]
+    xs = {k: torch.randn(M, k, generator=g) for k in (512, 1376)}
+    if provider == "mixed_packed_bf16":
+        ws = [(ops.pack_mixed_weight(w), w.shape[0]) for w in mats]
+
+        def run():
+            return [ops.mixed_linear(xs[p.shape[1]], p, n) for p, n in ws]
+    elif provider == "fp32_copy":
+        ws = [w.float() for w in mats]
+
+        def run():
+            return [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws]
+    else:
+        xb = {k: v.bfloat16() for k, v in xs.items()}
+
+        def run():
+            return [torch.nn.functional.linear(xb[w.shape[1]], w) for w in mats]
+    benchmark.group = f"mixed_linear cpu 'small' decoder matrices M={M}"
+    rounds = 20 if M <= 33 else 5 if provider != "bf16_native" else 2
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)

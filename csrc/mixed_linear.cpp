@@ -45,27 +45,43 @@ inline void ld16_bf16(const uint16_t* p, v8& lo, v8& hi) {
 }
 
 // y[m*ldy + r] = bias[r] + sum_k x[m*ldx + k] * W[r][k], m < MR, r < 16. The k axis runs in blocks of kBlockK
-// summed separately (fp32 rounding error grows with the length of one accumulation chain, as in sgemm).
+// summed separately (fp32 rounding error grows with the length of one accumulation chain, as in sgemm). Short
+// tiles (1-2 rows: decode) interleave U independent k-streams so FMA latency, not one dependency chain, bounds
+// them.
 template <int MR>
 __attribute__((always_inline)) inline void tile(const float* __restrict x, int64_t ldx,
                                                 const uint16_t* __restrict panel, int64_t K,
                                                 const float* __restrict bias, float* __restrict y, int64_t ldy) {
+  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
   v8 s0[MR], s1[MR];
   for (int m = 0; m < MR; ++m) s0[m] = v8{}, s1[m] = v8{};
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kBlockK);
-    v8 c0[MR], c1[MR];
-    for (int m = 0; m < MR; ++m) c0[m] = v8{}, c1[m] = v8{};
-    for (int64_t k = k0; k < k1; ++k) {
+    v8 c0[U][MR], c1[U][MR];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MR; ++m) c0[u][m] = v8{}, c1[u][m] = v8{};
+    int64_t k = k0;
+    for (; k + U <= k1; k += U)
+      for (int u = 0; u < U; ++u) {
+        v8 w0, w1;
+        ld16_bf16(panel + (k + u) * kPanel, w0, w1);
+        for (int m = 0; m < MR; ++m) {
+          const float xm = x[m * ldx + k + u];
+          c0[u][m] += xm * w0;
+          c1[u][m] += xm * w1;
+        }
+      }
+    for (; k < k1; ++k) {
       v8 w0, w1;
       ld16_bf16(panel + k * kPanel, w0, w1);
       for (int m = 0; m < MR; ++m) {
         const float xm = x[m * ldx + k];
-        c0[m] += xm * w0;
-        c1[m] += xm * w1;
+        c0[0][m] += xm * w0;
+        c1[0][m] += xm * w1;
       }
     }
-    for (int m = 0; m < MR; ++m) s0[m] += c0[m], s1[m] += c1[m];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MR; ++m) s0[m] += c0[u][m], s1[m] += c1[u][m];
   }
   const v8 b0 = ld8(bias), b1 = ld8(bias + 8);
   for (int m = 0; m < MR; ++m) st8(y + m * ldy, s0[m] + b0), st8(y + m * ldy + 8, s1[m] + b1);

@@ -38,8 +38,9 @@ def _text_decoder_weights(text_model, lm_head, text_config, mrope_section) -> De
     )
 
 
-# The vision tower attends within each image only, so images can be encoded in groups: this bounds its
+# The vision tower attends within each image only, so inference encodes images in groups: this bounds its
 # activation memory (a batch of large images otherwise peaks far above the decoder) at no cost in results.
+# Training encodes all images at once (its activations are kept for backward anyway; fewer, larger matmuls).
 VISION_GROUP_PATCHES = 1024
 
 
@@ -75,10 +76,11 @@ class Qwen2VLAdapter(ModelAdapter):
         if compute_dtype is not None and compute_dtype != visual.dtype and not torch.is_grad_enabled():
             visual = converted(visual, compute_dtype)
         patches = image_grid_thw.prod(-1).tolist()
+        limit = VISION_GROUP_PATCHES if not torch.is_grad_enabled() else sum(patches)
         out, start, i = [], 0, 0
         while i < len(patches):
             j, n = i + 1, patches[i]
-            while j < len(patches) and n + patches[j] <= VISION_GROUP_PATCHES:
+            while j < len(patches) and n + patches[j] <= limit:
                 n += patches[j]
                 j += 1
             # what Qwen2VLModel.get_image_features does, on the tower chosen above
