@@ -357,6 +357,30 @@ def test_mixed_linear_strided_input_and_errors():
         ops.mixed_linear(torch.randn(3, 20), packed, 9, torch.randn(8), backend="cpu")
 
 
+@needs_cpu
+@pytest.mark.parametrize("B,C,H,Hkv,D", [(1, 1, 8, 2, 64), (3, 33, 4, 2, 16), (2, 5, 2, 1, 6)])
+def test_rope_write_kv_equals_the_torch_glue_bitwise(B, C, H, Hkv, D):
+    """Same bits as the unfused path (and HF's rotation order): q out, k/v written at each row's own slots into a
+    strided layer view of a 5-D cache, everything else in the cache untouched."""
+    g = torch.Generator().manual_seed(B * 100 + C)
+    qkv = torch.randn(B, C, (H + 2 * Hkv) * D, generator=g)
+    pos = torch.randn(B, C, D, generator=g)
+    cos, sin = pos.cos()[:, :, None], pos.sin()[:, :, None]
+    S = C + 7
+    start = torch.randint(0, S - C + 1, (B,), generator=g)
+    slots = start[:, None] + torch.arange(C)[None]
+    cache = torch.randn(3, B, Hkv, S, D, generator=g)
+    want_k, want_v = cache.clone(), cache.clone()
+    q_ref = reference.rope_write_kv(qkv, cos, sin, want_k[1], want_v[1], slots, H, Hkv)
+    got_k, got_v = cache.clone(), cache.clone()
+    q = ops.rope_write_kv(qkv, cos, sin, got_k[1], got_v[1], slots, H, Hkv, backend="cpu")
+    assert torch.equal(q, q_ref) and torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rope_write_kv(qkv, cos, sin, got_k[1], got_v[1], slots + S, H, Hkv, backend="cpu")
+    with pytest.raises(RuntimeError, match="not \\(H="):
+        ops.rope_write_kv(qkv[..., 1:], cos, sin, got_k[1], got_v[1], slots, H, Hkv, backend="cpu")
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.library checks of the compiled CPU ops (schema, fake kernels, mutation declarations).
 
@@ -374,6 +398,9 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(lib.select_and_feedback.default, (scores, available, embeds, hidden, 4, torch.zeros(2, 5, 8)))
     packed = ops.pack_mixed_weight(torch.randn(6, 24).bfloat16())
     torch.library.opcheck(lib.mixed_linear.default, (torch.randn(5, 24), packed, 6, torch.randn(6)))
+    kc, vc = torch.zeros(2, 1, 9, 4), torch.zeros(2, 1, 9, 4)
+    torch.library.opcheck(lib.rope_write_kv.default, (torch.randn(2, 3, 16), torch.randn(2, 3, 4), torch.randn(2, 3, 4),
+                                                      kc, vc, torch.tensor([[0, 1, 2], [4, 5, 6]]), 2, 1))
 
 
 # ------------------------------------------------------------------------------------------------

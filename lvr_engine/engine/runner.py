@@ -49,6 +49,7 @@ class DecoderRunner:
         self.compute_dtype = compute_dtype or weights.embed.weight.dtype
         self.gradient_checkpointing = False  # training: recompute each layer in backward
         self._mats = None  # ComputeWeights of the current no-grad forward (None: call the HF modules)
+        self._cpu_kernels = "cpu" in ops.available_backends()["cpu"]
 
     def _compute_weights(self):
         """Cached compute-ready weights for inference; None under autograd (train through the modules)."""
@@ -80,10 +81,12 @@ class DecoderRunner:
     def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None):
         """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h).
 
-        Inference runs the prompts in groups of rows of at most PREFILL_CHUNK_TOKENS tokens (rows are
-        independent in a prefill): a large batch's activations stay those of one group."""
+        Inference on CPU runs the prompts in groups of rows of at most PREFILL_CHUNK_TOKENS tokens (rows are
+        independent in a prefill): a large batch's activations stay those of one group. A GPU keeps one
+        pass (its matmuls want the whole batch)."""
         B, S = embeds.shape[:2]
-        rows = max(1, PREFILL_CHUNK_TOKENS // max(S, 1))
+        budget = PREFILL_CHUNK_TOKENS if embeds.device.type == "cpu" else B * S
+        rows = max(1, budget // max(S, 1))
         if B > rows and not torch.is_grad_enabled() and isinstance(cache, StaticKVCache):
             out = torch.empty_like(embeds)
             for r0 in range(0, B, rows):
@@ -117,11 +120,16 @@ class DecoderRunner:
             ar = torch.arange(cache.max_len, device=embeds.device)
             mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,S)
         ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None, scores if want else None,
-                           mask=mask, slots=slots)
+                           mask=mask, slots=slots, fused_glue=mask is None and self._fused_glue(embeds, cache))
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.add_(C)  # in place: a captured CUDA graph keeps reading the same tensor
         cache.filled += C
         return self.final_norm(x)
+
+    def _fused_glue(self, x, cache) -> bool:
+        """ops.rope_write_kv applies: an fp32 CPU step on a StaticKVCache with the compiled kernels."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and isinstance(cache, StaticKVCache)
+                and cache.k.dtype == torch.float32 and self.backend in (None, "cpu") and self._cpu_kernels)
 
     def final_norm(self, x):
         return rms_norm(x, self._mats.norm if self._mats is not None else self.w.norm.weight, self.w.rms_eps)
@@ -168,6 +176,13 @@ class DecoderRunner:
         B, C, _ = x.shape
         H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
         h = rms_norm(x, m.in_norm if m else lw.input_norm.weight, self.w.rms_eps)
+        if m is not None and ctx.fused_glue:  # one op for rope + cache write, then the fused attention
+            kc, vc = cache.layer(i)
+            q = ops.rope_write_kv(self._linear(h, m.qkv, m.qkv_b), cos, sin, kc, vc, ctx.slots, H, Hkv,
+                                  backend="cpu")
+            o = ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
+                                                backend=self.backend)
+            return self._linear(o.reshape(B, C, H * D), m.o, m.o_b)
         if m is not None:
             nq, nk = H * D, Hkv * D
             qkv = self._linear(h, m.qkv, m.qkv_b)
@@ -240,7 +255,8 @@ class DecoderRunner:
         return self.w.embed(ids).to(self.compute_dtype)
 
 
-# Inference prefills run over groups of whole rows of at most this many tokens (one row if it is longer).
+# CPU inference prefills run over groups of whole rows of at most this many tokens (one row if it is longer):
+# large enough for full-speed matmuls, small enough that a batch's activations stay a few MiB.
 PREFILL_CHUNK_TOKENS = 1024
 
 # Inference MLPs run over at most this many tokens at a time: a batched prefill otherwise holds the
@@ -280,6 +296,7 @@ class _StepContext:
     scores: torch.Tensor | None    # (B,I) float32 accumulator, or None when no selection follows
     mask: torch.Tensor | None      # bool attention mask for SDPA (a chunk under autograd; prefill is causal)
     slots: torch.Tensor | None     # (B,C) cache slots of the chunk
+    fused_glue: bool = False       # rope + cache write through ops.rope_write_kv (inference fp32 CPU steps)
 
     def without_scores(self) -> "_StepContext":
-        return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots)
+        return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots, self.fused_glue)

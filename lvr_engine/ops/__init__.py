@@ -17,6 +17,7 @@ __all__ = [
     "chunk_attention_with_scores",
     "mixed_linear",
     "pack_mixed_weight",
+    "rope_write_kv",
     "available_backends",
     "resolve_backend",
     "reference",
@@ -45,3 +46,10 @@ def mixed_linear(x, packed_weight, out_features, bias=None, backend=None):
     fp32 on the fly (CPU kernel; torch reference elsewhere). How the engine computes a bf16 model in fp32 on a
     CPU without native bf16: half the weight bytes of an fp32 copy, fp32 arithmetic."""
     return get_impl("mixed_linear", backend, x)(x, packed_weight, out_features, bias)
+
+
+def rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads, backend=None):
+    """A step's per-layer glue in one op: q (B,C,H,D) = rope(q part of qkv (B,C,(H+2Hkv)*D)); rope(k) and v written
+    into k_cache/v_cache (B,Hkv,S,D) at slots (B,C). cos/sin hold (B,C,D). CPU kernel for float32; torch
+    reference elsewhere."""
+    return get_impl("rope_write_kv", backend, qkv)(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)

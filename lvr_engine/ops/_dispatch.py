@@ -10,7 +10,8 @@ import torch
 from . import reference
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-OPS = ("image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear")
+OPS = ("image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear",
+       "rope_write_kv")
 
 
 @functools.lru_cache(maxsize=None)

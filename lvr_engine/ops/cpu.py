@@ -12,7 +12,8 @@ from .. import _C  # noqa: F401  (loads the library: registers the schema and CP
 
 _ops = torch.ops.lvr_engine
 
-__all__ = ["image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear"]
+__all__ = ["image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear",
+           "rope_write_kv"]
 
 
 @torch.library.register_fake("lvr_engine::image_attention_scores")
@@ -33,6 +34,12 @@ def _chunk_attention_with_scores_fake(q, k_cache, v_cache, seq_lens, image_slots
 @torch.library.register_fake("lvr_engine::mixed_linear")
 def _mixed_linear_fake(x, packed_weight, out_features, bias=None):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("lvr_engine::rope_write_kv")
+def _rope_write_kv_fake(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+    B, C, W = qkv.shape
+    return qkv.new_empty((B, C, num_heads, W // (num_heads + 2 * num_kv_heads)))
 
 
 def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
@@ -67,3 +74,9 @@ def mixed_linear(x, packed_weight, out_features, bias=None):
     """x (..., K) float32 @ W^T + bias (N,) -> (..., N) float32; W (N, K) bf16 as (ceil(N/16), K, 16) panels from
     pack_mixed_weight, widened to fp32 in registers (csrc/mixed_linear.cpp)."""
     return _ops.mixed_linear(x, packed_weight, int(out_features), bias)
+
+
+def rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+    """qkv (B,C,(H+2Hkv)*D) float32 -> q (B,C,H,D) rotated; k rotated and v written into the caches (B,Hkv,S,D) at
+    slots (B,C) int64 (csrc/rope_write_kv.cpp)."""
+    return _ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, int(num_heads), int(num_kv_heads))

@@ -132,3 +132,21 @@ def mixed_linear(x, packed_weight, out_features, bias=None):
     widened to x's dtype (exact), so this is the matmul on the widened weight."""
     w = unpack_mixed_weight(packed_weight, out_features).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
+    """qkv (B,C,(H+2Hkv)*D) -> q (B,C,H,D) rotated; k rotated and v written into k_cache/v_cache (B,Hkv,S,D) at
+    slots (B,C). cos/sin hold (B,C,D). Rotation as HF: (x*cos) + (rotate_half(x)*sin)."""
+    B, C, W = qkv.shape
+    H, Hkv = num_heads, num_kv_heads
+    D = W // (H + 2 * Hkv)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    cos, sin = cos.reshape(B, C, 1, D), sin.reshape(B, C, 1, D)
+
+    def rope(x):
+        return x * cos + torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1) * sin
+    q, k = rope(q.reshape(B, C, H, D)), rope(k.reshape(B, C, Hkv, D))
+    rows = torch.arange(B, device=qkv.device)[:, None]
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v.reshape(B, C, Hkv, D)
+    return q
