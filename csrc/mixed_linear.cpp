@@ -119,11 +119,11 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "mixed_linear: x (..., K) with K=", K,
               " expected for the packed weight ", packed_in.sizes(), ", got x ", x_in.sizes());
   TORCH_CHECK(x_in.device().is_cpu() && packed_in.device().is_cpu(), "mixed_linear (cpu): tensors must be on CPU");
-  at::Tensor bias = at::zeros({P * kPanel}, x_in.options());
+  at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "mixed_linear: bias must be (N=", N, "), got ",
                 bias_in->sizes());
-    bias.narrow(0, 0, N).copy_(*bias_in);
+    bias = bias_in->to(at::kFloat).contiguous();
   }
   auto out_shape = x_in.sizes().vec();
   out_shape.back() = N;
@@ -134,7 +134,7 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
   if (M == 0 || N == 0) return y.view(out_shape);
   const float* xp = x.const_data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
-  const float* bp = bias.const_data_ptr<float>();
+  const float* bp = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   // Tasks are (block of kBlockM x rows, panel), row-block-major: a thread's consecutive tasks reuse one block of x
   // from L2 while panels stream by. At least ~16k weights x rows of work per task.
@@ -148,7 +148,8 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x_in, const at::Tensor& packed_in,
       const uint16_t* panel = wp + p * K * kPanel;
       const int64_t n0 = p * kPanel;
       const int nr = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
-      const float* b = bp + n0;
+      float b[kPanel] = {};  // this panel's bias (zero past N, or without a bias)
+      if (bp != nullptr) std::copy(bp + n0, bp + n0 + nr, b);
       for (int64_t m = (t / P) * bm; m < m_end; m += kRowsX) {
         const int mr = static_cast<int>(std::min<int64_t>(kRowsX, m_end - m));
         if (nr == kPanel) {
