@@ -381,6 +381,22 @@ def test_rope_write_kv_equals_the_torch_glue_bitwise(B, C, H, Hkv, D):
         ops.rope_write_kv(qkv[..., 1:], cos, sin, got_k[1], got_v[1], slots, H, Hkv, backend="cpu")
 
 
+@needs_cpu
+@pytest.mark.parametrize("shape", [(1, 1, 512), (3, 33, 64), (7, 13), (2, 0, 8)])
+def test_rms_norm_matches_float64(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    y = ops.rms_norm(x, w, 1e-6, backend="cpu")
+    want = reference.rms_norm(x.double(), w.double(), 1e-6)
+    fp32 = reference.rms_norm(x, w, 1e-6)  # HF's ops in fp32
+    assert y.shape == x.shape and _max_err(y, want) <= 2 * _max_err(fp32, want) + 1e-7
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm(x, w[:-1], 1e-6, backend="cpu")
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rms_norm(x.double(), w, 1e-6, backend="cpu")
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.library checks of the compiled CPU ops (schema, fake kernels, mutation declarations).
 
@@ -401,6 +417,7 @@ def test_opcheck_cpu_ops():
     kc, vc = torch.zeros(2, 1, 9, 4), torch.zeros(2, 1, 9, 4)
     torch.library.opcheck(lib.rope_write_kv.default, (torch.randn(2, 3, 16), torch.randn(2, 3, 4), torch.randn(2, 3, 4),
                                                       kc, vc, torch.tensor([[0, 1, 2], [4, 5, 6]]), 2, 1))
+    torch.library.opcheck(lib.rms_norm.default, (torch.randn(3, 5, 16), torch.randn(16), 1e-6))
 
 
 # ------------------------------------------------------------------------------------------------

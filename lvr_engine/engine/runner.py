@@ -131,8 +131,15 @@ class DecoderRunner:
         return (x.dtype == torch.float32 and x.device.type == "cpu" and isinstance(cache, StaticKVCache)
                 and cache.k.dtype == torch.float32 and self.backend in (None, "cpu") and self._cpu_kernels)
 
+    def _norm(self, x, weight):
+        """RMSNorm: one compiled op for fp32 CPU inference (six torch ops otherwise)."""
+        if (self._mats is not None and x.dtype == torch.float32 and x.device.type == "cpu" and self._cpu_kernels
+                and self.backend in (None, "cpu")):
+            return ops.rms_norm(x, weight, self.w.rms_eps, backend="cpu")
+        return rms_norm(x, weight, self.w.rms_eps)
+
     def final_norm(self, x):
-        return rms_norm(x, self._mats.norm if self._mats is not None else self.w.norm.weight, self.w.rms_eps)
+        return self._norm(x, self._mats.norm if self._mats is not None else self.w.norm.weight)
 
     def _layers(self, x, positions, cache, ctx):
         self._mats = self._compute_weights()
@@ -175,7 +182,7 @@ class DecoderRunner:
         m = self._mats.layers[i] if self._mats is not None else None
         B, C, _ = x.shape
         H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        h = rms_norm(x, m.in_norm if m else lw.input_norm.weight, self.w.rms_eps)
+        h = self._norm(x, m.in_norm if m else lw.input_norm.weight)
         if m is not None and ctx.fused_glue:  # one op for rope + cache write, then the fused attention
             kc, vc = cache.layer(i)
             q = ops.rope_write_kv(self._linear(h, m.qkv, m.qkv_b), cos, sin, kc, vc, ctx.slots, H, Hkv,
@@ -198,7 +205,7 @@ class DecoderRunner:
     def _mlp_block(self, i, x):
         lw = self.w.layers[i]
         m = self._mats.layers[i] if self._mats is not None else None
-        h = rms_norm(x, m.post_norm if m else lw.post_norm.weight, self.w.rms_eps)
+        h = self._norm(x, m.post_norm if m else lw.post_norm.weight)
         if m is not None:
             return _mlp_in_chunks(h, m, self._linear)
         return lw.mlp.down_proj(F.silu(lw.mlp.gate_proj(h)) * lw.mlp.up_proj(h))

@@ -18,6 +18,7 @@ __all__ = [
     "mixed_linear",
     "pack_mixed_weight",
     "rope_write_kv",
+    "rms_norm",
     "available_backends",
     "resolve_backend",
     "reference",
@@ -53,3 +54,8 @@ def rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_head
     into k_cache/v_cache (B,Hkv,S,D) at slots (B,C). cos/sin hold (B,C,D). CPU kernel for float32; torch
     reference elsewhere."""
     return get_impl("rope_write_kv", backend, qkv)(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads)
+
+
+def rms_norm(x, weight, eps, backend=None):
+    """weight * x * rsqrt(mean(x^2, -1) + eps) over the last dim (HF's RMSNorm for float32 input)."""
+    return get_impl("rms_norm", backend, x)(x, weight, eps)

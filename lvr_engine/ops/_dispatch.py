@@ -11,7 +11,7 @@ from . import reference
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 OPS = ("image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear",
-       "rope_write_kv")
+       "rope_write_kv", "rms_norm")
 
 
 @functools.lru_cache(maxsize=None)

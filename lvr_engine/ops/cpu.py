@@ -13,7 +13,7 @@ from .. import _C  # noqa: F401  (loads the library: registers the schema and CP
 _ops = torch.ops.lvr_engine
 
 __all__ = ["image_attention_scores", "select_and_feedback", "chunk_attention_with_scores", "mixed_linear",
-           "rope_write_kv"]
+           "rope_write_kv", "rms_norm"]
 
 
 @torch.library.register_fake("lvr_engine::image_attention_scores")
@@ -40,6 +40,11 @@ def _mixed_linear_fake(x, packed_weight, out_features, bias=None):
 def _rope_write_kv_fake(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads):
     B, C, W = qkv.shape
     return qkv.new_empty((B, C, num_heads, W // (num_heads + 2 * num_kv_heads)))
+
+
+@torch.library.register_fake("lvr_engine::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
@@ -80,3 +85,8 @@ def rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_head
     """qkv (B,C,(H+2Hkv)*D) float32 -> q (B,C,H,D) rotated; k rotated and v written into the caches (B,Hkv,S,D) at
     slots (B,C) int64 (csrc/rope_write_kv.cpp)."""
     return _ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, int(num_heads), int(num_kv_heads))
+
+
+def rms_norm(x, weight, eps):
+    """x (..., h) float32, weight (h,) float32 -> weight * x * rsqrt(mean(x^2) + eps) (csrc/rms_norm.cpp)."""
+    return _ops.rms_norm(x, weight, float(eps))

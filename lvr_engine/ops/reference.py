@@ -150,3 +150,8 @@ def rope_write_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_head
     k_cache[rows, :, slots] = k
     v_cache[rows, :, slots] = v.reshape(B, C, Hkv, D)
     return q
+
+
+def rms_norm(x, weight, eps):
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)) in x's dtype (float32 or float64)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
