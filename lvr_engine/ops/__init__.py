@@ -1,4 +1,6 @@
-"""Fused ops of the latent step, one dispatch over backends (DESIGN.md §3).
+"""Fused ops of the latent step, one dispatch over backends (DESIGN.md §3), and the CPU hot-path ops the lean
+runner uses on a CPU (mixed_linear: fp32 x packed bf16 weights; rope_write_kv; rms_norm; torch references for
+other devices).
 
 Every op takes ``backend=`` one of ``"torch"`` (reference), ``"cpu"`` (compiled C++), ``"triton"``,
 ``"cuda"`` (compiled CUDA) or ``None`` (best available for the tensors' device:
