@@ -4,7 +4,8 @@ Three kinds of forward, all returning final-norm hidden states:
 - ``prefill``: left-aligned prompts (B, S) with per-row lengths; SDPA attention; the last query's image
   scores from ``ops.image_attention_scores``.
 - ``step``: a chunk of C new tokens per row (a latent step C = K+1, a decode step C = 1) on the cache;
-  inference uses ``ops.chunk_attention_with_scores`` (reads K/V once, scores on the fly); with autograd
+  inference uses ``ops.chunk_attention_with_scores`` (reads K/V once, scores on the fly), on CPU in fp32
+  after ``ops.rms_norm`` and ``ops.rope_write_kv`` (rotation + cache write in one op); with autograd
   on it uses SDPA over an out-of-place cache (the fused kernels have no backward) and the score op.
 - ``logits``: the LM head.
 
@@ -269,6 +270,7 @@ PREFILL_CHUNK_TOKENS = 1024
 # Inference MLPs run over at most this many tokens at a time: a batched prefill otherwise holds the
 # (tokens x 2*intermediate) activations of a whole batch at once, the largest buffer of the forward.
 MLP_CHUNK_TOKENS = 1024
+
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin with two temporaries instead of four (same arithmetic, same order)."""
