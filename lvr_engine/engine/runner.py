@@ -118,8 +118,9 @@ class DecoderRunner:
         want = scores is not None and image_slots is not None and image_slots.shape[1] > 0
         mask = None
         if torch.is_grad_enabled():
-            ar = torch.arange(cache.max_len, device=embeds.device)
-            mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,S)
+            # keys up to the filled length only (every row's slots lie below it): no work on empty slots
+            ar = torch.arange(cache.filled + C, device=embeds.device)
+            mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,filled+C)
         ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None, scores if want else None,
                            mask=mask, slots=slots, fused_glue=mask is None and self._fused_glue(embeds, cache))
         x = self._layers(embeds, positions, cache, ctx)
@@ -240,8 +241,10 @@ class DecoderRunner:
             return o
         kc, vc = cache.write_chunk(i, k, v, ctx.slots)
         if ctx.mask is not None:  # autograd on: SDPA (differentiable) + the score op on the side
+            n = ctx.mask.shape[-1]
             o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kc, vc, attn_mask=ctx.mask, scale=self.scale, enable_gqa=H != Hkv
+                q.transpose(1, 2), kc[:, :, :n], vc[:, :, :n], attn_mask=ctx.mask, scale=self.scale,
+                enable_gqa=H != Hkv,
             ).transpose(1, 2)
             if ctx.scores is not None:
                 with torch.no_grad():
