@@ -38,28 +38,6 @@ inline T from_f(float x) {
   return static_cast<T>(x);
 }
 
-// exp for x <= ~88 with ~2 ulp error, branch-free so loops over it vectorise (libm's expf only
-// vectorises under -ffast-math, which we do not want for the rest of the code).
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, sizeof(s));
-  return p * s;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Vectorised building blocks (fp32 only; callers convert storage dtypes into fp32 scratch first).
 
@@ -106,9 +84,10 @@ void qk_block(const float* __restrict Q, const float* __restrict Kt, float* __re
 
 typedef int32_t i8v __attribute__((vector_size(32)));
 
-// exp_approx on 8 lanes in GCC vector code. Written out because the scalar loop over exp_approx does not
-// vectorise on AVX2 (GCC keeps its clamps as branches: "control flow in loop"), which left exp_sub_sum scalar
-// and the largest cost of a C=33 chunk attention (29% of its time under perf).
+// exp of 8 lanes for x <= ~88 with ~2 ulp error (libm's expf only vectorises under -ffast-math, which we do
+// not want for the rest of the code). Written in GCC vector code: a scalar version looped over did not
+// vectorise on AVX2 (GCC kept its clamps as branches), which left exp_sub_sum scalar and the largest cost of
+// a C=33 chunk attention (29% of its time under perf).
 inline v8 exp_approx8(v8 x) {
   const v8 lo = v8{} - 87.0f, hi = v8{} + 88.0f, magic = v8{} + 12582912.0f;
   x = x < lo ? lo : x;
@@ -157,9 +136,14 @@ float exp_sub_sum(const float* __restrict x, float* __restrict p, int n, float m
     acc += e;
   }
   float total = hsum8(acc);
-  for (; s < n; ++s) {
-    p[s] = exp_approx(x[s] - m);
-    total += p[s];
+  if (s < n) {  // the last n - s < 8 values through one padded vector
+    float tail[8] = {0.f};
+    for (int j = 0; j < n - s; ++j) tail[j] = x[s + j] - m;
+    const v8 e = exp_approx8(ld8(tail));
+    for (int j = 0; j < n - s; ++j) {
+      p[s + j] = e[j];
+      total += e[j];
+    }
   }
   return total;
 }
