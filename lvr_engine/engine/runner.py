@@ -51,6 +51,7 @@ class DecoderRunner:
         self.gradient_checkpointing = False  # training: recompute each layer in backward
         self._mats = None  # ComputeWeights of the current no-grad forward (None: call the HF modules)
         self._cpu_kernels = "cpu" in ops.available_backends()["cpu"]
+        self._cpu_fp32 = False  # set per forward in _layers
 
     def _compute_weights(self):
         """Cached compute-ready weights for inference; None under autograd (train through the modules)."""
@@ -122,21 +123,15 @@ class DecoderRunner:
             ar = torch.arange(cache.filled + C, device=embeds.device)
             mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,filled+C)
         ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None, scores if want else None,
-                           mask=mask, slots=slots, fused_glue=mask is None and self._fused_glue(embeds, cache))
+                           mask=mask, slots=slots)
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.add_(C)  # in place: a captured CUDA graph keeps reading the same tensor
         cache.filled += C
         return self.final_norm(x)
 
-    def _fused_glue(self, x, cache) -> bool:
-        """ops.rope_write_kv applies: an fp32 CPU step on a StaticKVCache with the compiled kernels."""
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and isinstance(cache, StaticKVCache)
-                and cache.k.dtype == torch.float32 and self.backend in (None, "cpu") and self._cpu_kernels)
-
     def _norm(self, x, weight):
-        """RMSNorm: one compiled op for fp32 CPU inference (six torch ops otherwise)."""
-        if (self._mats is not None and x.dtype == torch.float32 and x.device.type == "cpu" and self._cpu_kernels
-                and self.backend in (None, "cpu")):
+        """RMSNorm: one compiled op on the CPU fp32 inference path (six torch ops otherwise)."""
+        if self._cpu_fp32:
             return ops.rms_norm(x, weight, self.w.rms_eps, backend="cpu")
         return rms_norm(x, weight, self.w.rms_eps)
 
@@ -145,6 +140,11 @@ class DecoderRunner:
 
     def _layers(self, x, positions, cache, ctx):
         self._mats = self._compute_weights()
+        # The compiled CPU glue (rms_norm; rope_write_kv for a chunk on a StaticKVCache): fp32 inference on CPU.
+        self._cpu_fp32 = (self._mats is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                          and self._cpu_kernels and self.backend in (None, "cpu"))
+        ctx.fused_glue = (self._cpu_fp32 and ctx.mode == "chunk" and ctx.mask is None
+                          and isinstance(cache, StaticKVCache) and cache.k.dtype == torch.float32)
         cos, sin = self.rotary(positions, x.dtype)
         for i in range(len(self.w.layers)):
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -308,7 +308,7 @@ class _StepContext:
     scores: torch.Tensor | None    # (B,I) float32 accumulator, or None when no selection follows
     mask: torch.Tensor | None      # bool attention mask for SDPA (a chunk under autograd; prefill is causal)
     slots: torch.Tensor | None     # (B,C) cache slots of the chunk
-    fused_glue: bool = False       # rope + cache write through ops.rope_write_kv (inference fp32 CPU steps)
+    fused_glue: bool = False       # rope + cache write through ops.rope_write_kv (set by _layers)
 
     def without_scores(self) -> "_StepContext":
         return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots, self.fused_glue)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..models.base import DecoderWeights
+from ..models.converted import tensor_signature
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _params(w: DecoderWeights) -> list[torch.Tensor]:
 
 
 def _signature(w: DecoderWeights):
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in _params(w))
+    return tensor_signature(_params(w))
 
 
 def plain_linears(w: DecoderWeights) -> bool:
@@ -123,8 +124,8 @@ def compute_weights(w: DecoderWeights, dtype: torch.dtype) -> ComputeWeights | N
                 return W, b
         elif same:  # fuse and re-point the HF parameters into the fused tensors: still one copy
             return _fuse_in_place(linears)
-        else:
-            W, b = _fused_copy(linears, w.embed.weight.dtype)
+        else:  # packed: concatenate in bf16 and pack; otherwise concatenate straight in the compute dtype
+            W, b = _fused_copy(linears, w.embed.weight.dtype if packed else dtype)
         if packed:
             return PackedWeight(ops.pack_mixed_weight(W), W.shape[0]), conv(b)
         return conv(W), conv(b)
@@ -165,7 +166,8 @@ def _fuse_in_place(linears: list[nn.Linear]):
     """Concatenate the weights (and biases) of ``linears`` and re-point each module at its slice.
 
     Already fused (each weight the next slice of one storage, as a previous call leaves them): the fused
-    view is returned without copying, so cache entries for two compute dtypes do not re-fuse each other."""
+    view is returned without copying, so rebuilding the cache after an in-place update (a version bump, e.g.
+    an optimizer step) does not copy the weights again."""
     W = _fused_view([m.weight.data for m in linears])
     b = None
     if all(m.bias is not None for m in linears):

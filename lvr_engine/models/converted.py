@@ -17,9 +17,10 @@ from torch import nn
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _signature(module: nn.Module):
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters()) + tuple(
-        (b.data_ptr(), b._version, b.dtype) for b in module.buffers())
+def tensor_signature(tensors) -> tuple:
+    """Storage pointer, version counter, dtype and device of each tensor: changes when any of them is replaced,
+    moved, cast or updated in place (what a cache of derived copies must be validated against)."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
 def converted(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -28,7 +29,7 @@ def converted(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     if all(p.dtype == dtype for p in module.parameters()):
         return module
     per_module = _CACHE.setdefault(module, {})
-    sig = _signature(module)
+    sig = tensor_signature(list(module.parameters()) + list(module.buffers()))
     hit = per_module.get(dtype)
     if hit is not None and hit[0] == sig:
         return hit[1]
