@@ -42,43 +42,45 @@ inline T from_f(float x) {
 // Vectorised building blocks (fp32 only; callers convert storage dtypes into fp32 scratch first).
 
 // S[r][s] = sum_d Q[r][d] * Kt[d][s] for r < rows, s < kBlockKeys. Kt is the transposed key block,
-// so the inner loop runs over keys and needs no horizontal sums. A 4-row x 16-key tile keeps 8
-// accumulators in registers and reuses each Kt load for four rows.
+// so the inner loop runs over keys and needs no horizontal sums. The register tile is an sgemm one: MR rows x
+// 16 keys = 2*MR accumulators; per d, two Kt loads and MR broadcasts feed 2*MR FMAs (MR = 6 keeps the FMA
+// units, not the load ports, the limit on AVX2).
 static_assert(kBlockKeys % 16 == 0, "qk_block tiles keys by 16");
-LVR_CLONES
-void qk_block(const float* __restrict Q, const float* __restrict Kt, float* __restrict S, int rows,
-              int D) {
+constexpr int kTileRows = 6;
+
+template <int MR>
+__attribute__((always_inline)) inline void qk_tile(const float* __restrict Q, const float* __restrict Kt,
+                                                   float* __restrict S, int D) {
   for (int h = 0; h < kBlockKeys; h += 16) {
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      const float* q0 = Q + static_cast<int64_t>(r) * D;
-      const float *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-      v8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
-      for (int d = 0; d < D; ++d) {
-        const float* kd = Kt + static_cast<int64_t>(d) * kBlockKeys + h;
-        const v8 k0 = ld8(kd), k1 = ld8(kd + 8);
-        a00 += q0[d] * k0; a01 += q0[d] * k1;
-        a10 += q1[d] * k0; a11 += q1[d] * k1;
-        a20 += q2[d] * k0; a21 += q2[d] * k1;
-        a30 += q3[d] * k0; a31 += q3[d] * k1;
+    v8 a0[MR], a1[MR];
+    for (int m = 0; m < MR; ++m) a0[m] = v8{}, a1[m] = v8{};
+    for (int d = 0; d < D; ++d) {
+      const float* kd = Kt + static_cast<int64_t>(d) * kBlockKeys + h;
+      const v8 k0 = ld8(kd), k1 = ld8(kd + 8);
+      for (int m = 0; m < MR; ++m) {
+        const float qm = Q[static_cast<int64_t>(m) * D + d];
+        a0[m] += qm * k0;
+        a1[m] += qm * k1;
       }
-      float* s0 = S + static_cast<int64_t>(r) * kBlockKeys + h;
-      st8(s0, a00); st8(s0 + 8, a01);
-      st8(s0 + kBlockKeys, a10); st8(s0 + kBlockKeys + 8, a11);
-      st8(s0 + 2 * kBlockKeys, a20); st8(s0 + 2 * kBlockKeys + 8, a21);
-      st8(s0 + 3 * kBlockKeys, a30); st8(s0 + 3 * kBlockKeys + 8, a31);
     }
-    for (; r < rows; ++r) {
-      const float* q0 = Q + static_cast<int64_t>(r) * D;
-      v8 a00 = {}, a01 = {};
-      for (int d = 0; d < D; ++d) {
-        const float* kd = Kt + static_cast<int64_t>(d) * kBlockKeys + h;
-        a00 += q0[d] * ld8(kd);
-        a01 += q0[d] * ld8(kd + 8);
-      }
-      float* s0 = S + static_cast<int64_t>(r) * kBlockKeys + h;
-      st8(s0, a00); st8(s0 + 8, a01);
-    }
+    for (int m = 0; m < MR; ++m) st8(S + m * kBlockKeys + h, a0[m]), st8(S + m * kBlockKeys + h + 8, a1[m]);
+  }
+}
+
+LVR_CLONES
+void qk_block(const float* __restrict Q, const float* __restrict Kt, float* __restrict S, int rows, int D) {
+  int r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows)
+    qk_tile<kTileRows>(Q + static_cast<int64_t>(r) * D, Kt, S + static_cast<int64_t>(r) * kBlockKeys, D);
+  const float* q = Q + static_cast<int64_t>(r) * D;
+  float* out = S + static_cast<int64_t>(r) * kBlockKeys;
+  switch (rows - r) {  // the remainder keeps its own register tile
+    case 5: qk_tile<5>(q, Kt, out, D); break;
+    case 4: qk_tile<4>(q, Kt, out, D); break;
+    case 3: qk_tile<3>(q, Kt, out, D); break;
+    case 2: qk_tile<2>(q, Kt, out, D); break;
+    case 1: qk_tile<1>(q, Kt, out, D); break;
+    default: break;
   }
 }
 
@@ -148,31 +150,59 @@ float exp_sub_sum(const float* __restrict x, float* __restrict p, int n, float m
   return total;
 }
 
-// acc[d] = acc[d] * alpha + sum_{s<n} p[s] * V[s][d]; V rows are ldv floats apart. The D axis is
-// walked in 32-wide strips so each strip of acc lives in four registers across the key loop.
-LVR_CLONES
-void pv_accumulate(float* __restrict acc, float alpha, const float* __restrict p,
-                   const float* __restrict V, int64_t ldv, int n, int D) {
+// acc[r][d] = acc[r][d] * alpha[r] + sum_{s<n} P[r][s] * V[s][d] for r < MR; P rows are kBlockKeys apart, V
+// rows ldv apart, acc rows D apart. A tile is MR rows x 16 columns of acc in registers: each V load serves MR
+// rows (a row at a time re-read the whole V block from L1 for every query row: load-bound).
+template <int MR>
+__attribute__((always_inline)) inline void pv_tile(float* __restrict acc, const float* __restrict alpha,
+                                                   const float* __restrict P, const float* __restrict V,
+                                                   int64_t ldv, int n, int D) {
   int d0 = 0;
-  for (; d0 + 32 <= D; d0 += 32) {
-    v8 a0 = ld8(acc + d0) * alpha, a1 = ld8(acc + d0 + 8) * alpha;
-    v8 a2 = ld8(acc + d0 + 16) * alpha, a3 = ld8(acc + d0 + 24) * alpha;
-    for (int s = 0; s < n; ++s) {
-      const float ps = p[s];
-      const float* vs = V + s * ldv + d0;
-      a0 += ps * ld8(vs); a1 += ps * ld8(vs + 8);
-      a2 += ps * ld8(vs + 16); a3 += ps * ld8(vs + 24);
+  for (; d0 + 16 <= D; d0 += 16) {
+    v8 a0[MR], a1[MR];
+    for (int m = 0; m < MR; ++m) {
+      a0[m] = ld8(acc + static_cast<int64_t>(m) * D + d0) * alpha[m];
+      a1[m] = ld8(acc + static_cast<int64_t>(m) * D + d0 + 8) * alpha[m];
     }
-    st8(acc + d0, a0); st8(acc + d0 + 8, a1); st8(acc + d0 + 16, a2); st8(acc + d0 + 24, a3);
+    for (int s = 0; s < n; ++s) {
+      const float* vs = V + s * ldv + d0;
+      const v8 v0 = ld8(vs), v1 = ld8(vs + 8);
+      for (int m = 0; m < MR; ++m) {
+        const float pm = P[m * kBlockKeys + s];
+        a0[m] += pm * v0;
+        a1[m] += pm * v1;
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      st8(acc + static_cast<int64_t>(m) * D + d0, a0[m]);
+      st8(acc + static_cast<int64_t>(m) * D + d0 + 8, a1[m]);
+    }
   }
-  if (d0 < D) {
-    const int rem = D - d0;
-    for (int j = 0; j < rem; ++j) acc[d0 + j] *= alpha;
-    for (int s = 0; s < n; ++s) {
-      const float ps = p[s];
-      const float* vs = V + s * ldv + d0;
-      for (int j = 0; j < rem; ++j) acc[d0 + j] += ps * vs[j];
+  for (int m = 0; m < MR; ++m) {  // head dims that are not a multiple of 16
+    float* ar = acc + static_cast<int64_t>(m) * D;
+    for (int d = d0; d < D; ++d) {
+      float t = ar[d] * alpha[m];
+      for (int s = 0; s < n; ++s) t += P[m * kBlockKeys + s] * V[s * ldv + d];
+      ar[d] = t;
     }
+  }
+}
+
+LVR_CLONES
+void pv_block(float* __restrict acc, const float* __restrict alpha, const float* __restrict P,
+              const float* __restrict V, int64_t ldv, int rows, int n, int D) {
+  int r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows)
+    pv_tile<kTileRows>(acc + static_cast<int64_t>(r) * D, alpha + r, P + r * kBlockKeys, V, ldv, n, D);
+  float* ar = acc + static_cast<int64_t>(r) * D;
+  const float* pr = P + r * kBlockKeys;
+  switch (rows - r) {
+    case 5: pv_tile<5>(ar, alpha + r, pr, V, ldv, n, D); break;
+    case 4: pv_tile<4>(ar, alpha + r, pr, V, ldv, n, D); break;
+    case 3: pv_tile<3>(ar, alpha + r, pr, V, ldv, n, D); break;
+    case 2: pv_tile<2>(ar, alpha + r, pr, V, ldv, n, D); break;
+    case 1: pv_tile<1>(ar, alpha + r, pr, V, ldv, n, D); break;
+    default: break;
   }
 }
 
@@ -256,13 +286,14 @@ struct GroupArgs {
 };
 
 struct Workspace {
-  std::vector<float> q, kt, vf, s, p, acc, m, l, last;
+  std::vector<float> q, kt, vf, s, p, alpha, acc, m, l, last;
   void reserve(int rows, int D, int64_t L, int nh) {
     q.resize(static_cast<size_t>(rows) * D);
     kt.resize(static_cast<size_t>(D) * kBlockKeys);
     vf.resize(static_cast<size_t>(kBlockKeys) * D);
     s.resize(static_cast<size_t>(rows) * kBlockKeys);
-    p.resize(kBlockKeys);
+    p.resize(static_cast<size_t>(rows) * kBlockKeys);
+    alpha.resize(rows);
     acc.resize(static_cast<size_t>(rows) * D);
     m.resize(rows);
     l.resize(rows);
@@ -316,23 +347,30 @@ void attend_group(const T* q, const T* k, const T* v, T* out, const GroupArgs& a
         Vb = ws.vf.data();
       }
     }
+    // Softmax bookkeeping row by row, then one tiled P.V for all rows that see this block. P rows are zero past
+    // a row's visible keys, so the tile runs every row over the whole block.
     for (int c = c_begin; c < C; ++c) {
       // Keys s0 .. first_q_slot + c are visible to query c.
       const int nvis = static_cast<int>(std::min<int64_t>(nb, first_q_slot + c - s0 + 1));
       for (int j = 0; j < nh; ++j) {
         const int r = c * nh + j;
         const float* srow = ws.s.data() + static_cast<int64_t>(r) * kBlockKeys;
+        float* prow = ws.p.data() + static_cast<int64_t>(r) * kBlockKeys;
         if (keep_last && c == C - 1)
           std::memcpy(ws.last.data() + j * L + s0, srow, sizeof(float) * nb);
         const float bmax = row_max(srow, nvis);
         const float m_new = std::max(M[r], bmax);
         const float alpha = std::exp(M[r] - m_new);  // exp(-inf) = 0 on the first visible block
-        const float bsum = exp_sub_sum(srow, ws.p.data(), nvis, m_new);
+        const float bsum = exp_sub_sum(srow, prow, nvis, m_new);
+        std::fill(prow + nvis, prow + nb, 0.f);
         Lsum[r] = Lsum[r] * alpha + bsum;
         M[r] = m_new;
-        if (WITH_V) pv_accumulate(acc + static_cast<int64_t>(r) * D, alpha, ws.p.data(), Vb, ldv, nvis, D);
+        ws.alpha[r] = alpha;
       }
     }
+    if (WITH_V)
+      pv_block(acc + static_cast<int64_t>(r_begin) * D, ws.alpha.data() + r_begin,
+               ws.p.data() + static_cast<int64_t>(r_begin) * kBlockKeys, Vb, ldv, rows - r_begin, nb, D);
   }
   if (WITH_V) {
     for (int c = 0; c < C; ++c)
