@@ -113,11 +113,19 @@ def pack_mixed_weight(weight):
     if weight.dim() != 2 or weight.dtype != torch.bfloat16:
         raise TypeError(f"pack_mixed_weight packs a 2-D bfloat16 weight, got {weight.dtype} {tuple(weight.shape)}")
     N, K = weight.shape
-    P = -(-N // MIXED_PANEL)
-    padded = weight.new_zeros(P * MIXED_PANEL, K, dtype=torch.bfloat16)
-    padded[:N] = weight.detach()
-    order = torch.tensor(MIXED_PANEL_ORDER, device=weight.device)
-    return padded.view(P, MIXED_PANEL, K)[:, order].transpose(1, 2).contiguous()
+    P, full = -(-N // MIXED_PANEL), N // MIXED_PANEL
+    # One strided copy into the result, no transients (a model's worth of packing transients stayed resident in
+    # the allocator): with row 16p + 8b + 4a + i and slot j = 8a + 4b + i (MIXED_PANEL_ORDER swaps the middle
+    # quarters), out viewed as [p, b, a, i, k] is the weight viewed as (P, 2, 2, 4, K).
+    out = weight.new_empty(P, K, MIXED_PANEL)
+    as_rows = lambda t: t.view(t.shape[0], K, 2, 2, 4).permute(0, 3, 2, 4, 1)  # noqa: E731
+    w = weight.detach()
+    as_rows(out[:full]).copy_(w[:full * MIXED_PANEL].view(full, 2, 2, 4, K))
+    if full < P:  # the last, partial panel: zero rows past N
+        last = w.new_zeros(MIXED_PANEL, K)
+        last[:N - full * MIXED_PANEL] = w[full * MIXED_PANEL:]
+        as_rows(out[full:]).copy_(last.view(1, 2, 2, 4, K))
+    return out
 
 
 def unpack_mixed_weight(packed, out_features):
