@@ -37,12 +37,15 @@ def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, 
     B = ids.shape[0]
     embeds = embed(ids)
     hdim = embeds.shape[-1]
-    image_embeds = embeds.new_zeros(B, image_slots.shape[1], hdim)
     if sum(batch.image_counts) > 0:
         per_image = adapter.encode_images(pixel_values.to(device), image_grid_thw.to(device), compute_dtype=dtype)
         image_embeds = _rows_of_images(per_image, batch.images_per_row, image_slots.shape[1], hdim, dtype)
+        del per_image
         rows, cols = torch.nonzero(image_slots >= 0, as_tuple=True)
-        embeds = embeds.index_put((rows, image_slots[rows, cols].long()), image_embeds[rows, cols])
+        # in place: embeds is this call's own tensor (a second (B,S,h) copy was the prompt's largest transient)
+        embeds.index_put_((rows, image_slots[rows, cols].long()), image_embeds[rows, cols])
+    else:
+        image_embeds = embeds.new_zeros(B, image_slots.shape[1], hdim)
     positions, offset = _prompt_positions(adapter, position_mode, input_ids, attention_mask, mm_token_type_ids,
                                           image_grid_thw, order, lens)
     if start_marker_id is not None:
