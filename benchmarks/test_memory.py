@@ -80,17 +80,20 @@ def child():
     B, S = batch["input_ids"].shape
     S_total = S + N_LATENT * (K_PATCHES + 1) + ANSWER_TOKENS
     kv = L * 2 * B * Hkv * S_total * D * el
+    # held through the prefill: the prompt embeddings (B,S,h) and the image embeddings kept for feedback (B,I,h)
+    n_img = int(batch["pixel_values"].shape[0]) // (vc.spatial_merge_size ** 2)
+    held = B * S * h * el + n_img * h * el
     # prefill: the runner runs groups of Bg whole rows of at most PREFILL_CHUNK_TOKENS tokens (runner.py); the
     # largest live tensors of one layer for one group: fused gate/up output (t,2I) + act*up (t,I) = 3 x t*I over
     # an MLP chunk of t <= MLP_CHUNK_TOKENS tokens; residual, normed input, qkv, attention output ~ 4 x Bg*S*h;
-    # the gathered group outputs B*S*h; SDPA scores Bg*H*S*S fp32 if the kernel materialised them (the CPU
-    # flash kernel does not: it works in per-thread blocks), an upper bound.
+    # SDPA scores Bg*H*S*S fp32 if the kernel materialised them (the CPU flash kernel does not: it works in
+    # per-thread blocks), an upper bound. Generation's prefill returns only each row's last hidden state.
     from lvr_engine.engine.runner import MLP_CHUNK_TOKENS, PREFILL_CHUNK_TOKENS
     Bg = min(B, max(1, PREFILL_CHUNK_TOKENS // S))
     mlp_act = 3 * min(Bg * S, MLP_CHUNK_TOKENS) * I * el
-    hid_act = 4 * Bg * S * h * el + B * S * h * el
+    hid_act = 4 * Bg * S * h * el
     sdpa_scores = Bg * H * S * S * 4
-    prefill_act = mlp_act + hid_act + sdpa_scores
+    prefill_act = held + mlp_act + hid_act + sdpa_scores
     # vision tower (HF code, SDPA): compute-dtype copy of pixel_values (P, 3*2*14*14) and the conv's reordered copy,
     # or later q/k rotated in fp32 (HF upcasts: ~4 x P*embed*4) + the block MLP (2 x P*embed*mlp_ratio*2)
     # the engine encodes images in groups of at most VISION_GROUP_PATCHES patches (models/qwen2_vl.py)
@@ -102,7 +105,7 @@ def child():
     paper = weights + compute_copy + vision_copy + kv + activations
     res = dict(batch=B, prompt=S, S_total=S_total, base_rss=base, peak_rss=peak, peak_before_build=peak_before,
                after_build_rss=after_build, **phase, after_generate_rss=after_generate, delta=peak - base,
-               input_bytes=input_bytes, weights=weights, kv=kv, mlp_act=mlp_act, hid_act=hid_act,
+               input_bytes=input_bytes, weights=weights, kv=kv, held=held, mlp_act=mlp_act, hid_act=hid_act,
                sdpa_scores=sdpa_scores, group_rows=Bg, prefill_act=prefill_act, vision_act=vision_act, activations=activations,
                paper=paper, compute_copy=compute_copy, vision_copy=vision_copy, compute_dtype=str(gen.runner.compute_dtype), el=el, layers=L, heads=H, kv_heads=Hkv, head_dim=D, hidden=h, intermediate=I,
                n_params=sum(p.numel() for p in model.parameters()))
@@ -172,10 +175,11 @@ def _describe(r):
         f"{m(r['vision_copy'])}",
         f"KV cache: {r['layers']} layers x 2 x B {r['batch']} x Hkv {r['kv_heads']} x S_total {r['S_total']} x "
         f"D {r['head_dim']} x {r['el']} bytes = {m(r['kv'])}",
-        f"prefill activations (groups of {r['group_rows']} rows): MLP 3 x min(group tokens, 1024-token chunk)*I*"
-        f"{r['el']} = {m(r['mlp_act'])}; hidden 4 x {r['group_rows']}*S*h*{r['el']} + gathered outputs B*S*h*{r['el']} "
-        f"= {m(r['hid_act'])}; SDPA scores {r['group_rows']}*H*S^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU "
-        f"flash kernel does not materialise them) -> {m(r['prefill_act'])}",
+        f"prefill activations (groups of {r['group_rows']} rows): prompt embeddings B*S*h + image embeddings kept "
+        f"for feedback (B*I)*h, x {r['el']} bytes = {m(r['held'])}; MLP 3 x min(group tokens, MLP chunk)*I*{r['el']} "
+        f"= {m(r['mlp_act'])}; hidden 4 x {r['group_rows']}*S*h*{r['el']} = {m(r['hid_act'])}; SDPA scores "
+        f"{r['group_rows']}*H*S^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU flash kernel does not materialise "
+        f"them) -> {m(r['prefill_act'])}",
         f"vision activations (one group of images): max(2 x pixels in the compute dtype, fp32 rotary q/k + block MLP) = "
         f"{m(r['vision_act'])}",
         f"paper = weights + compute copy + vision copy + KV + max(prefill, vision) = {m(r['weights'])} + "

@@ -216,3 +216,26 @@ def test_prefill_in_row_groups_gives_same_outputs(vlm_qwen2, monkeypatch, rows_p
     grouped = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
     assert len(groups) == -(-len(ROWS) // rows_per_group)  # the prompts really went through in groups
     assert torch.equal(whole.sequences, grouped.sequences) and torch.equal(whole.selected, grouped.selected)
+
+
+def test_last_token_prefill_equals_full_prefill(vlm_qwen2, monkeypatch):
+    """Generation prefills with last_only=True (the last layer runs attention, o-projection and MLP for each row's
+    last token only). Against the full prefill (every token through every layer, then the last one picked): the
+    same prefill hidden state (the h of the first latent block), scores (selections) and tokens."""
+    cfg = LatentConfig(num_latent_steps=2, num_selected_patches=4)
+    batch, _ = make_batch(ROWS, seed=5)
+    gen = LatentGenerator(vlm_qwen2, cfg)
+    trimmed = gen.generate(**batch, max_new_tokens=5, return_latents=True)
+    calls = []
+    real = gen.runner.prefill
+
+    def full_prefill(embeds, positions, lens, cache, image_slots=None, scores=None, last_only=False):
+        calls.append(last_only)
+        hidden = real(embeds, positions, lens, cache, image_slots, scores, last_only=False)
+        assert hidden.shape[:2] == embeds.shape[:2]
+        return hidden[torch.arange(hidden.shape[0]), lens - 1][:, None]
+    monkeypatch.setattr(gen.runner, "prefill", full_prefill)
+    full = gen.generate(**batch, max_new_tokens=5, return_latents=True)
+    assert calls == [True]
+    torch.testing.assert_close(trimmed.latents[:, 0, -1], full.latents[:, 0, -1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(trimmed.selected, full.selected) and torch.equal(trimmed.sequences, full.sequences)

@@ -146,7 +146,16 @@ class LatentGenerator:
         block (B, K+1, h) = [z_t; h_t] before it is fed; may modify it in place or return a replacement.
         ``return_latents`` keeps every step's (possibly modified) block in ``out.latents`` (B, N, K+1, h).
         With CUDA graphs the batch is padded to its bucket with dummy rows; the hook sees them too.
+        The model's weights are read once per call: a hook must not modify them.
         """
+        with self.runner.weights_pinned():
+            return self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                  max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                                  pad_token_id, latent_hook, return_latents)
+
+    def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, max_new_tokens,
+                  do_sample, temperature, top_k, top_p, seed, eos_token_id, pad_token_id, latent_hook,
+                  return_latents):
         cfg = self.config
         prompt_trigger = cfg.trigger == "prompt"
         N = cfg.num_latent_steps if prompt_trigger else 0
@@ -192,9 +201,8 @@ class LatentGenerator:
         steps.bind(image_slots, scores)
 
         # -- prefill --------------------------------------------------------------------------------------
-        hidden = self.runner.prefill(embeds, positions, lens, cache, image_slots if K > 0 else None,
-                                     scores if K > 0 else None)
-        h_last = hidden[torch.arange(B, device=dev), lens - 1]
+        h_last = self.runner.prefill(embeds, positions, lens, cache, image_slots if K > 0 else None,
+                                     scores if K > 0 else None, last_only=True)[:, 0]
         stats.forward_passes += 1
         t1 = _now(dev)
         stats.prefill_s = t1 - t0

@@ -14,6 +14,7 @@ layers and heads of DESIGN §2 is not divided out.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ class DecoderRunner:
         self._mats = None  # ComputeWeights of the current no-grad forward (None: call the HF modules)
         self._cpu_kernels = "cpu" in ops.available_backends()["cpu"]
         self._cpu_fp32 = False  # set per forward in _layers
+        self._pinned = None  # (ComputeWeights | None,) inside weights_pinned()
 
     def _compute_weights(self):
         """Cached compute-ready weights for inference; None under autograd (train through the modules)."""
@@ -59,10 +61,26 @@ class DecoderRunner:
             if self.compute_dtype != self.w.embed.weight.dtype:
                 raise RuntimeError("training runs in the model's dtype: build the runner without compute_dtype")
             return None
+        if self._pinned is not None:
+            return self._pinned[0]
         cw = compute_weights(self.w, self.compute_dtype)
         if cw is None and self.compute_dtype != self.w.embed.weight.dtype:
             raise RuntimeError("wrapped projections (e.g. LoRA) run in the model's dtype only")
         return cw
+
+    @contextlib.contextmanager
+    def weights_pinned(self):
+        """Validate the compute weights once for the forwards inside (one generate call) instead of on each
+        forward: the check walks every parameter (~0.5 ms, a tenth of a decode step on a small model). The
+        model's weights must not change inside; a change is picked up by the next pinned block."""
+        if self._pinned is not None or torch.is_grad_enabled():  # nested, or training: nothing to pin
+            yield
+            return
+        self._pinned = (self._compute_weights(),)
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     # -- rotary ---------------------------------------------------------------------------------
     def rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +98,13 @@ class DecoderRunner:
         return cos[:, :, None, :], sin[:, :, None, :]
 
     # -- forwards -------------------------------------------------------------------------------
-    def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None):
-        """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h).
+    def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None, last_only=False):
+        """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h), or with
+        ``last_only`` (B,1,h) of each row's last prompt token (slot lens[b]-1).
 
+        ``last_only`` is what generation needs: the cache still gets every token's K/V, but the last layer runs
+        its attention output, o-projection and MLP for that one token (on the compute-weight path: ~1/L of
+        the prefill's matmuls saved, and no (B,S,h) output).
         Inference on CPU runs the prompts in groups of rows of at most PREFILL_CHUNK_TOKENS tokens (rows are
         independent in a prefill): a large batch's activations stay those of one group. A GPU keeps one
         pass (its matmuls want the whole batch)."""
@@ -90,12 +112,12 @@ class DecoderRunner:
         budget = PREFILL_CHUNK_TOKENS if embeds.device.type == "cpu" else B * S
         rows = max(1, budget // max(S, 1))
         if B > rows and not torch.is_grad_enabled() and isinstance(cache, StaticKVCache):
-            out = torch.empty_like(embeds)
+            out = embeds.new_empty(B, 1 if last_only else S, embeds.shape[2])
             for r0 in range(0, B, rows):
                 r1 = min(B, r0 + rows)
                 out[r0:r1] = self.prefill(embeds[r0:r1], positions[:, r0:r1], lens[r0:r1], cache.rows(r0, r1),
                                           None if image_slots is None else image_slots[r0:r1],
-                                          None if scores is None else scores[r0:r1])
+                                          None if scores is None else scores[r0:r1], last_only)
             cache.filled = S
             return out
         # Causal attention needs no padding mask here: prompts are left-aligned, so a valid query (slot < lens)
@@ -103,10 +125,12 @@ class DecoderRunner:
         # cache only below lens.
         want = scores is not None and image_slots is not None and image_slots.shape[1] > 0
         ctx = _StepContext("prefill", lens, lens, image_slots if want else None, scores if want else None,
-                           mask=None, slots=None)
+                           mask=None, slots=None, last_only=last_only)
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.copy_(lens)  # in place: captured CUDA graphs hold this tensor
         cache.filled = S
+        if last_only and not ctx.trimmed:  # every token went through the last layer: keep the last one
+            x = x[torch.arange(B, device=x.device), lens - 1][:, None]
         return self.final_norm(x)
 
     def step(self, embeds, positions, cache, image_slots=None, scores=None):
@@ -146,12 +170,37 @@ class DecoderRunner:
         ctx.fused_glue = (self._cpu_fp32 and ctx.mode == "chunk" and ctx.mask is None
                           and isinstance(cache, StaticKVCache) and cache.k.dtype == torch.float32)
         cos, sin = self.rotary(positions, x.dtype)
-        for i in range(len(self.w.layers)):
+        n = len(self.w.layers)
+        for i in range(n):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = self._checkpointed_layer(i, x, cos, sin, cache, ctx)
+            elif i == n - 1 and ctx.last_only and ctx.mode == "prefill" and self._mats is not None:
+                x = self._last_token_layer(i, x, cos, sin, cache, ctx)
+                ctx.trimmed = True
             else:
                 x = self._layer(i, x, cos, sin, cache, ctx)
         return x
+
+    def _last_token_layer(self, i, x, cos, sin, cache, ctx):
+        """Prefill's last layer when only each row's last token is wanted: K/V of every token go to the cache,
+        then attention (and the image scores), o-projection and MLP run for the token at lens-1 only.
+        x (B,S,h) -> (B,1,h)."""
+        m = self._mats.layers[i]
+        B = x.shape[0]
+        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
+        nq, nk = H * D, Hkv * D
+        qkv = self._linear(self._norm(x, m.in_norm), m.qkv, m.qkv_b)
+        k = _rope(qkv[..., nq:nq + nk].view(B, -1, Hkv, D), cos, sin)
+        cache.write_prompt(i, k, qkv[..., nq + nk:].view(B, -1, Hkv, D))
+        rows, last = torch.arange(B, device=x.device), ctx.new_lens - 1
+        q = _rope(qkv[rows, last, :nq].view(B, 1, H, D), cos[rows, last][:, None], sin[rows, last][:, None])
+        del qkv, k
+        kc, vc = cache.layer(i)
+        o = ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
+                                            backend=self.backend)
+        x = x[rows, last][:, None]
+        x = x + self._linear(o.reshape(B, 1, H * D), m.o, m.o_b)
+        return x + self._mlp_block(i, x)
 
     def _checkpointed_layer(self, i, x, cos, sin, cache, ctx):
         """Recompute layer i in backward. The layer's cache write is made a pure function of the cache it
@@ -272,7 +321,7 @@ PREFILL_CHUNK_TOKENS = 1024
 
 # Inference MLPs run over at most this many tokens at a time: a batched prefill otherwise holds the
 # (tokens x 2*intermediate) activations of a whole batch at once, the largest buffer of the forward.
-MLP_CHUNK_TOKENS = 1024
+MLP_CHUNK_TOKENS = 512
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -309,6 +358,9 @@ class _StepContext:
     mask: torch.Tensor | None      # bool attention mask for SDPA (a chunk under autograd; prefill is causal)
     slots: torch.Tensor | None     # (B,C) cache slots of the chunk
     fused_glue: bool = False       # rope + cache write through ops.rope_write_kv (set by _layers)
+    last_only: bool = False        # prefill: only each row's last token leaves the last layer
+    trimmed: bool = False          # set by _layers when the last layer ran for that token only
 
     def without_scores(self) -> "_StepContext":
-        return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots, self.fused_glue)
+        return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots, self.fused_glue,
+                            self.last_only)
