@@ -218,24 +218,33 @@ def test_prefill_in_row_groups_gives_same_outputs(vlm_qwen2, monkeypatch, rows_p
     assert torch.equal(whole.sequences, grouped.sequences) and torch.equal(whole.selected, grouped.selected)
 
 
-def test_last_token_prefill_equals_full_prefill(vlm_qwen2, monkeypatch):
-    """Generation prefills with last_only=True (the last layer runs attention, o-projection and MLP for each row's
-    last token only). Against the full prefill (every token through every layer, then the last one picked): the
-    same prefill hidden state (the h of the first latent block), scores (selections) and tokens."""
-    cfg = LatentConfig(num_latent_steps=2, num_selected_patches=4)
+@pytest.mark.parametrize("backend", [None, "torch"])  # CPU: compiled glue (rope_write_kv) / the torch glue
+def test_last_token_forwards_equal_full_forwards(vlm_qwen2, monkeypatch, backend):
+    """Generation runs its prefill and latent steps with last_only=True (the last layer runs attention, o-projection
+    and MLP for the last token only). Against full forwards (every token through every layer, then the last one
+    picked): the same hidden states fed back (each latent block's h), selections and tokens."""
+    cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4, backend=backend)
     batch, _ = make_batch(ROWS, seed=5)
     gen = LatentGenerator(vlm_qwen2, cfg)
     trimmed = gen.generate(**batch, max_new_tokens=5, return_latents=True)
     calls = []
-    real = gen.runner.prefill
+    real_prefill, real_step = gen.runner.prefill, gen.runner.step
 
     def full_prefill(embeds, positions, lens, cache, image_slots=None, scores=None, last_only=False):
-        calls.append(last_only)
-        hidden = real(embeds, positions, lens, cache, image_slots, scores, last_only=False)
+        calls.append(("prefill", last_only))
+        hidden = real_prefill(embeds, positions, lens, cache, image_slots, scores, last_only=False)
         assert hidden.shape[:2] == embeds.shape[:2]
         return hidden[torch.arange(hidden.shape[0]), lens - 1][:, None]
+
+    def full_step(embeds, positions, cache, image_slots=None, scores=None, last_only=False):
+        calls.append(("step", last_only))
+        hidden = real_step(embeds, positions, cache, image_slots, scores, last_only=False)
+        assert hidden.shape[:2] == embeds.shape[:2]
+        return hidden[:, -1:] if last_only else hidden
     monkeypatch.setattr(gen.runner, "prefill", full_prefill)
+    monkeypatch.setattr(gen.runner, "step", full_step)
     full = gen.generate(**batch, max_new_tokens=5, return_latents=True)
-    assert calls == [True]
-    torch.testing.assert_close(trimmed.latents[:, 0, -1], full.latents[:, 0, -1], rtol=1e-5, atol=1e-5)
+    assert calls[:4] == [("prefill", True)] + [("step", True)] * 3
+    # each latent block's last row is the hidden state the previous forward fed back
+    torch.testing.assert_close(trimmed.latents[..., -1, :], full.latents[..., -1, :], rtol=1e-5, atol=1e-5)
     assert torch.equal(trimmed.selected, full.selected) and torch.equal(trimmed.sequences, full.sequences)

@@ -60,12 +60,14 @@ class GraphedSteps:
         self.runner, self.ws, self.mode = runner, workspace, mode
         self.graphs = {}  # (C, with_scores) -> (graph or None, static input, static positions, static output)
 
-    def step(self, chunk: torch.Tensor, positions: torch.Tensor, with_scores: bool) -> torch.Tensor:
-        """chunk (B, C, h), positions (3, B, C) -> hidden (B, C, h); the cache advances by C."""
+    def step(self, chunk: torch.Tensor, positions: torch.Tensor, with_scores: bool,
+             last_only: bool = False) -> torch.Tensor:
+        """chunk (B, C, h), positions (3, B, C) -> hidden (B, C, h), or (B, 1, h) of the last token with
+        ``last_only``; the cache advances by C."""
         C = chunk.shape[1]
-        key = (C, with_scores)
+        key = (C, with_scores, last_only)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(chunk, positions, with_scores)
+            self.graphs[key] = self._capture(chunk, positions, with_scores, last_only)
         graph, s_in, s_pos, s_out = self.graphs[key]
         cache = self.ws.cache
         if cache.filled + C > cache.max_len:
@@ -73,33 +75,33 @@ class GraphedSteps:
         s_in.copy_(chunk)
         s_pos.copy_(positions)
         if graph is None:  # emulation: same buffers, eager kernels
-            s_out.copy_(self._run(s_in, s_pos, with_scores))
+            s_out.copy_(self._run(s_in, s_pos, with_scores, last_only))
         else:
             graph.replay()
             cache.filled += C  # the captured step advanced lens on the device; mirror the host counter
         return s_out
 
-    def _run(self, x, pos, with_scores):
+    def _run(self, x, pos, with_scores, last_only):
         ws = self.ws
         return self.runner.step(x, pos, ws.cache, ws.image_slots if with_scores else None,
-                                ws.scores if with_scores else None)
+                                ws.scores if with_scores else None, last_only=last_only)
 
-    def _capture(self, chunk, positions, with_scores):
+    def _capture(self, chunk, positions, with_scores, last_only):
         s_in, s_pos = chunk.clone(), positions.clone()
         if self.mode == "emulate":
-            return None, s_in, s_pos, torch.empty_like(chunk)
+            return None, s_in, s_pos, torch.empty_like(chunk[:, -1:] if last_only else chunk)
         cache, scores = self.ws.cache, self.ws.scores
         lens, filled, saved_scores = cache.lens.clone(), cache.filled, scores.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up run: lazy initialisation must not happen during capture
-            self._run(s_in, s_pos, with_scores)
+            self._run(s_in, s_pos, with_scores, last_only)
         torch.cuda.current_stream().wait_stream(side)
         cache.lens.copy_(lens)
         cache.filled = filled
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            s_out = self._run(s_in, s_pos, with_scores)
+            s_out = self._run(s_in, s_pos, with_scores, last_only)
         # Capturing records kernels without running them; undo the host-side bookkeeping and the warm-up.
         cache.lens.copy_(lens)
         cache.filled = filled

@@ -228,7 +228,7 @@ class LatentGenerator:
                     chunk = torch.cat([chunk, end_embed.expand(B, 1, -1)], 1)
                 last_step = t == N - 1  # the last step's scores would choose nothing
                 hidden = steps.step(chunk, next_positions(cache.lens, offset, chunk.shape[1]),
-                                    K > 0 and not last_step)
+                                    K > 0 and not last_step, last_only=True)
                 h_last = hidden[:, -1]
                 stats.forward_passes += 1
         t2 = _now(dev)
@@ -330,9 +330,9 @@ class _EagerSteps:
     def bind(self, image_slots, scores):
         self._slots, self._scores = image_slots, scores
 
-    def step(self, chunk, positions, with_scores):
+    def step(self, chunk, positions, with_scores, last_only=False):
         return self.runner.step(chunk, positions, self.cache, self._slots if with_scores else None,
-                                self._scores if with_scores else None)
+                                self._scores if with_scores else None, last_only=last_only)
 
 
 class _GraphSteps:
@@ -345,8 +345,8 @@ class _GraphSteps:
     def bind(self, image_slots, scores):
         pass  # the workspace's own buffers are what the graphs read
 
-    def step(self, chunk, positions, with_scores):
-        return self.graphs.step(chunk, positions, with_scores)
+    def step(self, chunk, positions, with_scores, last_only=False):
+        return self.graphs.step(chunk, positions, with_scores, last_only)
 
 
 def _pad_rows(input_ids, attention_mask, mm_token_type_ids, extra, pad_id):

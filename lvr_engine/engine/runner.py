@@ -133,8 +133,10 @@ class DecoderRunner:
             x = x[torch.arange(B, device=x.device), lens - 1][:, None]
         return self.final_norm(x)
 
-    def step(self, embeds, positions, cache, image_slots=None, scores=None):
-        """embeds (B,C,h) appended to every row at slots [lens[b], lens[b]+C); returns hidden (B,C,h)."""
+    def step(self, embeds, positions, cache, image_slots=None, scores=None, last_only=False):
+        """embeds (B,C,h) appended to every row at slots [lens[b], lens[b]+C); returns hidden (B,C,h), or with
+        ``last_only`` (B,1,h) of the chunk's last token (a latent step only feeds that one back; the last layer
+        then runs attention output, o-projection and MLP for it alone)."""
         B, C, _ = embeds.shape
         if cache.filled + C > cache.max_len:  # host-side count: no device sync inside a step
             raise RuntimeError(f"KV cache overflow: need {cache.filled + C} slots, have {cache.max_len}")
@@ -147,10 +149,12 @@ class DecoderRunner:
             ar = torch.arange(cache.filled + C, device=embeds.device)
             mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,filled+C)
         ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None, scores if want else None,
-                           mask=mask, slots=slots)
+                           mask=mask, slots=slots, last_only=last_only and C > 1)
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.add_(C)  # in place: a captured CUDA graph keeps reading the same tensor
         cache.filled += C
+        if ctx.last_only and not ctx.trimmed:  # every token went through the last layer: keep the last one
+            x = x[:, -1:]
         return self.final_norm(x)
 
     def _norm(self, x, weight):
@@ -174,7 +178,7 @@ class DecoderRunner:
         for i in range(n):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = self._checkpointed_layer(i, x, cos, sin, cache, ctx)
-            elif i == n - 1 and ctx.last_only and ctx.mode == "prefill" and self._mats is not None:
+            elif i == n - 1 and ctx.last_only and self._mats is not None and ctx.mask is None:
                 x = self._last_token_layer(i, x, cos, sin, cache, ctx)
                 ctx.trimmed = True
             else:
@@ -182,23 +186,36 @@ class DecoderRunner:
         return x
 
     def _last_token_layer(self, i, x, cos, sin, cache, ctx):
-        """Prefill's last layer when only each row's last token is wanted: K/V of every token go to the cache,
-        then attention (and the image scores), o-projection and MLP run for the token at lens-1 only.
-        x (B,S,h) -> (B,1,h)."""
+        """The last layer when only each row's last token is wanted (a prefill for generation, a latent step):
+        K/V of every token go to the cache, then attention (and the image scores), o-projection and MLP run for
+        the last token only (prefill: slot lens-1 of each row; chunk: the chunk's last position).
+        x (B,C,h) -> (B,1,h)."""
         m = self._mats.layers[i]
-        B = x.shape[0]
+        B, C = x.shape[:2]
         H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
         nq, nk = H * D, Hkv * D
         qkv = self._linear(self._norm(x, m.in_norm), m.qkv, m.qkv_b)
-        k = _rope(qkv[..., nq:nq + nk].view(B, -1, Hkv, D), cos, sin)
-        cache.write_prompt(i, k, qkv[..., nq + nk:].view(B, -1, Hkv, D))
-        rows, last = torch.arange(B, device=x.device), ctx.new_lens - 1
-        q = _rope(qkv[rows, last, :nq].view(B, 1, H, D), cos[rows, last][:, None], sin[rows, last][:, None])
-        del qkv, k
-        kc, vc = cache.layer(i)
+        if ctx.fused_glue:  # rotation + cache write of the whole chunk in one op; keep the last query
+            kc, vc = cache.layer(i)
+            q = ops.rope_write_kv(qkv, cos, sin, kc, vc, ctx.slots, H, Hkv, backend="cpu")[:, -1:]
+            x = x[:, -1:]
+        else:
+            k = _rope(qkv[..., nq:nq + nk].view(B, C, Hkv, D), cos, sin)
+            v = qkv[..., nq + nk:].view(B, C, Hkv, D)
+            if ctx.mode == "prefill":
+                cache.write_prompt(i, k, v)
+                kc, vc = cache.layer(i)
+                rows, last = torch.arange(B, device=x.device), ctx.new_lens - 1
+            else:
+                kc, vc = cache.write_chunk(i, k, v, ctx.slots)
+                rows, last = slice(None), -1
+            q = _rope(qkv[rows, last, :nq].reshape(B, 1, H, D), cos[rows, last].reshape(B, 1, 1, D),
+                      sin[rows, last].reshape(B, 1, 1, D))
+            x = x[rows, last].reshape(B, 1, -1)
+            del k, v
+        del qkv
         o = ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
                                             backend=self.backend)
-        x = x[rows, last][:, None]
         x = x + self._linear(o.reshape(B, 1, H * D), m.o, m.o_b)
         return x + self._mlp_block(i, x)
 
