@@ -159,7 +159,7 @@ def bench_inputs():
 # ------------------------------------------------------------------------------------------------------------
 # Session results and the final ratio table
 # ------------------------------------------------------------------------------------------------------------
-RESULTS: dict = {"engine": {}, "tokens": {}, "memory": None}
+RESULTS: dict = {"engine": {}, "tokens": {}, "memory": None, "paired": {}}
 
 CONTENDER_NAMES = {
     "lvr_b1": "(d) lvr_engine, batch 1",
@@ -225,7 +225,7 @@ def _agreement():
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not RESULTS["engine"] and RESULTS["memory"] is None:
+    if not RESULTS["engine"] and RESULTS["memory"] is None and not RESULTS["paired"]:
         return
     tr = terminalreporter
     ratios = ratio_table()
@@ -243,6 +243,12 @@ def pytest_terminal_summary(terminalreporter):
             if "target" in entry:
                 verdict = f"   target {entry['target']}: {'met' if entry['met'] else 'NOT met'}"
             tr.write_line(f"  {name:<14s} {entry['value']:8.2f}x{verdict}")
+    for model_key, p in RESULTS["paired"].items():
+        verdict = ""
+        if model_key in TARGET_MODELS:
+            verdict = f"   target <= 1.3: {'met' if p['ratio'] <= 1.3 else 'NOT met'}"
+        tr.write_line(f"[{model_key}] latent/plain in alternating pairs: median {p['ratio']:.2f}x over {p['pairs']} "
+                      f"pairs (range {p['min']:.2f}-{p['max']:.2f}){verdict}")
     agree = _agreement()
     for model_key, a in agree.items():
         tr.write_line(f"[{model_key}] question-0 answer tokens + selections equal to (a): "
@@ -251,7 +257,8 @@ def pytest_terminal_summary(terminalreporter):
         m = RESULTS["memory"]
         tr.write_line("[memory] " + m["summary"])
     os.makedirs(os.path.dirname(RESULTS_PATH), exist_ok=True)
-    payload = dict(engine=RESULTS["engine"], ratios=ratios, agreement=agree, memory=RESULTS["memory"],
+    payload = dict(engine=RESULTS["engine"], ratios=ratios, paired=RESULTS["paired"], agreement=agree,
+                   memory=RESULTS["memory"],
                    torch=torch.__version__, threads=torch.get_num_threads())
     with open(RESULTS_PATH, "w") as f:
         json.dump(payload, f, indent=2, default=str)

@@ -18,6 +18,7 @@ Rounds: each benchmark makes one timed warm-up call (not counted), then ``rounds
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import pytest
@@ -141,3 +142,47 @@ def test_engine(benchmark, bench_model, bench_inputs, model_key, contender):
         ratio_vs_lvr_b1=(pq / ref) if ref else None,
         workload=f"prompt {S} tokens ({n_img} image), N={N_LATENT}, K={K_PATCHES}, {ANSWER_TOKENS} answer tokens"
                  + (f", explicit CoT {COT_RATIONALE}+{ANSWER_TOKENS} tokens" if contender == "explicit_cot" else ""))
+
+
+@pytest.mark.parametrize("model_key", list(MODELS))
+def test_latent_vs_plain_paired(benchmark, bench_model, bench_inputs, model_key):
+    """latent/plain measured in alternating pairs: each round runs the batch-1 latent run and the plain run (N=0)
+    back to back (which goes first alternates), and the ratio is the median of the per-pair ratios. The separate
+    lvr_b1 / lvr_plain_b1 benchmarks run minutes apart, and this VM's speed drifts 10-15% in that time; a pair
+    sees the same machine state."""
+    model = bench_model(model_key)
+    dev = model_device(model_key)
+    batch, _ = bench_inputs(model_key, 1)
+    inputs = _on(batch, dev)
+    gens = {n: LatentGenerator(model, LatentConfig(num_latent_steps=n, num_selected_patches=K_PATCHES))
+            for n in (N_LATENT, 0)}
+    times = {N_LATENT: [], 0: []}
+
+    def timed(n):
+        t0 = time.perf_counter()
+        out = gens[n].generate(**inputs, max_new_tokens=ANSWER_TOKENS, eos_token_id=[])
+        _sync(dev)
+        times[n].append(time.perf_counter() - t0)
+        assert out.sequences.shape == (1, ANSWER_TOKENS)
+
+    order = [0]
+
+    def pair():
+        first, second = (N_LATENT, 0) if order[0] % 2 == 0 else (0, N_LATENT)
+        order[0] += 1
+        timed(first)
+        timed(second)
+
+    t0 = time.perf_counter()
+    pair()  # warm-up pair (not counted); sizes the number of rounds
+    warm = time.perf_counter() - t0
+    times[N_LATENT].clear(), times[0].clear()
+    benchmark.group = f"engine {model_key} paired"
+    benchmark.name = f"latent+plain pair [{model_key}]"
+    benchmark.pedantic(pair, rounds=max(3, min(15, int(BUDGET_S // max(warm, 1e-6)))), iterations=1,
+                       warmup_rounds=0)
+    ratios = sorted(a / b for a, b in zip(times[N_LATENT], times[0]))
+    median = statistics.median(ratios)
+    RESULTS["paired"][model_key] = dict(ratio=median, pairs=len(ratios), min=ratios[0], max=ratios[-1],
+                                        latent_s=sorted(times[N_LATENT]), plain_s=sorted(times[0]))
+    benchmark.extra_info.update(model=model_key, latent_over_plain_paired=median, pair_ratios=ratios)
