@@ -95,3 +95,25 @@ def test_auto_compute_dtype_policy():
     expect = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert auto_compute_dtype(torch.bfloat16, cpu) == expect
     assert auto_compute_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("conv_cls,kernel", [(torch.nn.Conv3d, (2, 14, 14)), (torch.nn.Conv2d, (4, 4))])
+def test_patchify_conv_runs_as_matmul_with_the_same_result(conv_cls, kernel):
+    """The converted copy's patchify convolutions (kernel = stride) equal the convolution: as one matmul on
+    one-patch inputs, through the convolution itself on larger inputs; other convolutions stay as they are."""
+    from lvr_engine.models.converted import PatchConv, converted
+
+    torch.manual_seed(0)
+    tower = torch.nn.Sequential(conv_cls(3, 16, kernel, stride=kernel, bias=True),
+                                conv_cls(16, 8, 3, padding=1)).to(torch.bfloat16)
+    copy_ = converted(tower, torch.float32)
+    assert isinstance(copy_[0], PatchConv) and isinstance(copy_[1], conv_cls)
+    ref = tower[0].float()
+    one = torch.randn(7, 3, *kernel)
+    two = torch.randn(2, 3, *[2 * k for k in kernel])
+    for x in (one, two):
+        want = torch.nn.functional.conv3d if conv_cls is torch.nn.Conv3d else torch.nn.functional.conv2d
+        expect = want(x.double(), ref.weight.double(), ref.bias.double(), stride=kernel)
+        got = copy_[0](x)
+        assert got.shape == expect.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5)
