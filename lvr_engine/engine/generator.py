@@ -57,7 +57,7 @@ class LatentGenerator:
     cache and ops) or "auto" (lean where the family has it).
     ``compute_dtype``: "auto" computes in the model's dtype, except fp32 for a bf16/fp16 model on a CPU without
     native bf16 arithmetic (AVX2-only CPUs emulate bf16 matmuls several times slower than fp32); the lean
-    runner then keeps an fp32 copy of the decoder weights.
+    runner then multiplies by the bf16 weights packed in panels (ops.mixed_linear), with no fp32 copy.
     """
 
     def __init__(self, model, config: LatentConfig | None = None, processor=None, runner: str = "auto",
