@@ -130,7 +130,7 @@ class DecoderRunner:
         cache.lens.copy_(lens)  # in place: captured CUDA graphs hold this tensor
         cache.filled = S
         if last_only and not ctx.trimmed:  # every token went through the last layer: keep the last one
-            x = x[torch.arange(B, device=x.device), lens - 1][:, None]
+            x = _last_rows(x, ctx)
         return self.final_norm(x)
 
     def step(self, embeds, positions, cache, image_slots=None, scores=None, last_only=False):
@@ -154,7 +154,7 @@ class DecoderRunner:
         cache.lens.add_(C)  # in place: a captured CUDA graph keeps reading the same tensor
         cache.filled += C
         if ctx.last_only and not ctx.trimmed:  # every token went through the last layer: keep the last one
-            x = x[:, -1:]
+            x = _last_rows(x, ctx)
         return self.final_norm(x)
 
     def _norm(self, x, weight):
@@ -178,46 +178,12 @@ class DecoderRunner:
         for i in range(n):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = self._checkpointed_layer(i, x, cos, sin, cache, ctx)
-            elif i == n - 1 and ctx.last_only and self._mats is not None and ctx.mask is None:
-                x = self._last_token_layer(i, x, cos, sin, cache, ctx)
-                ctx.trimmed = True
             else:
-                x = self._layer(i, x, cos, sin, cache, ctx)
+                # last layer of a last_only inference forward: the rest of the layer for each row's last token
+                last = i == n - 1 and ctx.last_only and self._mats is not None and ctx.mask is None
+                x = self._layer(i, x, cos, sin, cache, ctx, last)
+                ctx.trimmed = ctx.trimmed or last
         return x
-
-    def _last_token_layer(self, i, x, cos, sin, cache, ctx):
-        """The last layer when only each row's last token is wanted (a prefill for generation, a latent step):
-        K/V of every token go to the cache, then attention (and the image scores), o-projection and MLP run for
-        the last token only (prefill: slot lens-1 of each row; chunk: the chunk's last position).
-        x (B,C,h) -> (B,1,h)."""
-        m = self._mats.layers[i]
-        B, C = x.shape[:2]
-        H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        nq, nk = H * D, Hkv * D
-        qkv = self._linear(self._norm(x, m.in_norm), m.qkv, m.qkv_b)
-        if ctx.fused_glue:  # rotation + cache write of the whole chunk in one op; keep the last query
-            kc, vc = cache.layer(i)
-            q = ops.rope_write_kv(qkv, cos, sin, kc, vc, ctx.slots, H, Hkv, backend="cpu")[:, -1:]
-            x = x[:, -1:]
-        else:
-            k = _rope(qkv[..., nq:nq + nk].view(B, C, Hkv, D), cos, sin)
-            v = qkv[..., nq + nk:].view(B, C, Hkv, D)
-            if ctx.mode == "prefill":
-                cache.write_prompt(i, k, v)
-                kc, vc = cache.layer(i)
-                rows, last = torch.arange(B, device=x.device), ctx.new_lens - 1
-            else:
-                kc, vc = cache.write_chunk(i, k, v, ctx.slots)
-                rows, last = slice(None), -1
-            q = _rope(qkv[rows, last, :nq].reshape(B, 1, H, D), cos[rows, last].reshape(B, 1, 1, D),
-                      sin[rows, last].reshape(B, 1, 1, D))
-            x = x[rows, last].reshape(B, 1, -1)
-            del k, v
-        del qkv
-        o = ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
-                                            backend=self.backend)
-        x = x + self._linear(o.reshape(B, 1, H * D), m.o, m.o_b)
-        return x + self._mlp_block(i, x)
 
     def _checkpointed_layer(self, i, x, cos, sin, cache, ctx):
         """Recompute layer i in backward. The layer's cache write is made a pure function of the cache it
@@ -239,13 +205,16 @@ class DecoderRunner:
         y, cache.k[i], cache.v[i] = checkpoint(run_once_then_replay, x, k0, v0, use_reentrant=False)
         return y
 
-    def _layer(self, i, x, cos, sin, cache, ctx):
+    def _layer(self, i, x, cos, sin, cache, ctx, last_token=False):
         """One decoder layer on our fused weights. x (B,C,h); cos/sin (B,C,1,D). The two halves are separate
-        calls so each one's temporaries (qkv, rotated q/k, attention output) are freed before the next."""
-        x = x + self._attention_block(i, x, cos, sin, cache, ctx)
+        calls so each one's temporaries (qkv, rotated q/k, attention output) are freed before the next.
+        ``last_token``: every token's K/V go to the cache, the rest of the layer runs for each row's last token
+        only, x (B,C,h) -> (B,1,h) (the last layer when a forward's caller feeds back one hidden state)."""
+        a = self._attention_block(i, x, cos, sin, cache, ctx, last_token)
+        x = (_last_rows(x, ctx) if last_token else x) + a
         return x + self._mlp_block(i, x)
 
-    def _attention_block(self, i, x, cos, sin, cache, ctx):
+    def _attention_block(self, i, x, cos, sin, cache, ctx, last_token=False):
         lw = self.w.layers[i]
         m = self._mats.layers[i] if self._mats is not None else None
         B, C, _ = x.shape
@@ -255,9 +224,11 @@ class DecoderRunner:
             kc, vc = cache.layer(i)
             q = ops.rope_write_kv(self._linear(h, m.qkv, m.qkv_b), cos, sin, kc, vc, ctx.slots, H, Hkv,
                                   backend="cpu")
+            if last_token:
+                q = q[:, -1:]
             o = ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
                                                 backend=self.backend)
-            return self._linear(o.reshape(B, C, H * D), m.o, m.o_b)
+            return self._linear(o.reshape(B, -1, H * D), m.o, m.o_b)
         if m is not None:
             nq, nk = H * D, Hkv * D
             qkv = self._linear(h, m.qkv, m.qkv_b)
@@ -267,7 +238,7 @@ class DecoderRunner:
         del h
         q = _rope(q.view(B, C, H, D), cos, sin)
         k = _rope(k.view(B, C, Hkv, D), cos, sin)
-        o = self.attend(i, q, k, v.view(B, C, Hkv, D), cache, ctx).reshape(B, C, H * D)
+        o = self.attend(i, q, k, v.view(B, C, Hkv, D), cache, ctx, last_token).reshape(B, -1, H * D)
         return self._linear(o, m.o, m.o_b) if m is not None else lw.attn.o_proj(o)
 
     def _mlp_block(self, i, x):
@@ -285,13 +256,22 @@ class DecoderRunner:
                                     backend="cpu" if self.backend in (None, "cpu") else "torch")
         return F.linear(x, w, b)
 
-    def attend(self, i, q, k, v, cache, ctx):
-        """Write layer i's new k, v (B,C,Hkv,D) into the cache and attend with q (B,C,H,D) -> (B,C,H,D).
+    def attend(self, i, q, k, v, cache, ctx, last_token=False):
+        """Write layer i's new k, v (B,C,Hkv,D) into the cache and attend with q (B,C,H,D) -> (B,C,H,D), or
+        with ``last_token`` only each row's last query -> (B,1,H,D) (inference).
 
         Also adds the last query's image scores into ``ctx.scores`` when asked. Shared by both runners.
         """
         H, Hkv = q.shape[2], k.shape[2]
         B = q.shape[0]
+        if last_token:  # cache every token's K/V, then one query per row over its cache: the chunk kernel
+            if ctx.mode == "prefill":
+                cache.write_prompt(i, k, v)
+                kc, vc = cache.layer(i)
+            else:
+                kc, vc = cache.write_chunk(i, k, v, ctx.slots)
+            return ops.chunk_attention_with_scores(_last_rows(q, ctx), kc, vc, ctx.new_lens, ctx.image_slots,
+                                                   ctx.scores, self.scale, backend=self.backend)
         if ctx.mode == "prefill":
             cache.write_prompt(i, k, v)
             o = F.scaled_dot_product_attention(
@@ -341,6 +321,13 @@ PREFILL_CHUNK_TOKENS = 1024
 MLP_CHUNK_TOKENS = 512
 
 
+def _last_rows(t: torch.Tensor, ctx) -> torch.Tensor:
+    """(B,C,...) -> (B,1,...): each row's last token of the forward (prefill: slot lens-1; chunk: the last)."""
+    if ctx.mode == "prefill":
+        return t[torch.arange(t.shape[0], device=t.device), ctx.new_lens - 1][:, None]
+    return t[:, -1:]
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin with two temporaries instead of four (same arithmetic, same order)."""
     r = _rotate_half(x).mul_(sin)
@@ -375,7 +362,7 @@ class _StepContext:
     mask: torch.Tensor | None      # bool attention mask for SDPA (a chunk under autograd; prefill is causal)
     slots: torch.Tensor | None     # (B,C) cache slots of the chunk
     fused_glue: bool = False       # rope + cache write through ops.rope_write_kv (set by _layers)
-    last_only: bool = False        # prefill: only each row's last token leaves the last layer
+    last_only: bool = False        # only each row's last token leaves the last layer (the caller feeds it back)
     trimmed: bool = False          # set by _layers when the last layer ran for that token only
 
     def without_scores(self) -> "_StepContext":
