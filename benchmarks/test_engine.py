@@ -7,6 +7,8 @@ Contenders, all answering the same question(s) with N=3 latent steps of K=32 pat
   (c) ``explicit_cot``  ``model.generate`` of a 128-token rationale + 8 answer tokens, batch 1;
   (d) ``lvr_b{1,8,32}`` lvr_engine LatentGenerator at batch 1, 8, 32 (per question = call time / batch), and
       ``lvr_plain_b1``  the same engine with num_latent_steps=0 (plain decoding, same prompt, 8 tokens).
+``test_latent_vs_plain_paired`` also times the batch-1 latent run and the plain run in alternating pairs (the
+median per-pair ratio: robust to the machine drifting between the two separate benchmarks).
 Groups are per model (``small-fp32``, ``small-bf16``, ``7b-bf16`` on CUDA only) so contenders sit side by side;
 ``extra_info`` carries per-question seconds and the ratio to lvr batch 1. The final ratio table is printed by
 benchmarks/conftest.py at the end of the session.
@@ -176,7 +178,8 @@ def test_latent_vs_plain_paired(benchmark, bench_model, bench_inputs, model_key)
     t0 = time.perf_counter()
     pair()  # warm-up pair (not counted); sizes the number of rounds
     warm = time.perf_counter() - t0
-    times[N_LATENT].clear(), times[0].clear()
+    for t in times.values():
+        t.clear()
     benchmark.group = f"engine {model_key} paired"
     benchmark.name = f"latent+plain pair [{model_key}]"
     benchmark.pedantic(pair, rounds=max(3, min(15, int(BUDGET_S // max(warm, 1e-6)))), iterations=1,
