@@ -52,13 +52,13 @@ class Workspace:
 
 
 class GraphedSteps:
-    """Replays ``runner.step`` for each (chunk size, with scores) shape on one workspace."""
+    """Replays ``runner.step`` for each (chunk size, with scores, last token only) shape on one workspace."""
 
     def __init__(self, runner, workspace: Workspace, mode: str):
         if mode not in ("cuda", "emulate"):
             raise ValueError(f"graph mode must be 'cuda' or 'emulate', got {mode!r}")
         self.runner, self.ws, self.mode = runner, workspace, mode
-        self.graphs = {}  # (C, with_scores) -> (graph or None, static input, static positions, static output)
+        self.graphs = {}  # (C, with_scores, last_only) -> (graph or None, static input, static positions, output)
 
     def step(self, chunk: torch.Tensor, positions: torch.Tensor, with_scores: bool,
              last_only: bool = False) -> torch.Tensor:

@@ -180,7 +180,7 @@ class DecoderRunner:
                 x = self._checkpointed_layer(i, x, cos, sin, cache, ctx)
             else:
                 # last layer of a last_only inference forward: the rest of the layer for each row's last token
-                last = i == n - 1 and ctx.last_only and self._mats is not None and ctx.mask is None
+                last = i == n - 1 and ctx.last_only and self._mats is not None  # (_mats: no autograd)
                 x = self._layer(i, x, cos, sin, cache, ctx, last)
                 ctx.trimmed = ctx.trimmed or last
         return x
@@ -301,8 +301,7 @@ class DecoderRunner:
                                                backend=self.backend)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # the forward that produced ``hidden`` already validated the weight cache; reuse it
-        cw = self._mats if (self._mats is not None and not torch.is_grad_enabled()) else self._compute_weights()
+        cw = self._compute_weights()  # inside generate: the pinned weights, no re-validation
         if cw is None:
             return self.w.lm_head(hidden)
         return self._linear(hidden, cw.lm_head, cw.lm_head_b)
