@@ -6,9 +6,12 @@ __all__ = ["latent_forward", "LatentForwardOutput", "mirage_latent_loss", "pool_
 
 
 def __getattr__(name):  # the trainer pulls in accelerate: import it only when asked for
-    if name in ("Trainer", "TrainConfig"):
-        from . import trainer
-        return getattr(trainer, name)
+    if name == "Trainer":
+        from .trainer import Trainer
+        return Trainer
+    if name == "TrainConfig":  # plain data: no accelerate
+        from .train_config import TrainConfig
+        return TrainConfig
     if name == "collate":
         from .collate import collate
         return collate

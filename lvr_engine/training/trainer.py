@@ -23,6 +23,10 @@ Exact resume: checkpoints at the end of every stage hold the weights (safetensor
 on ``(seed, epoch)``; ``resume=True`` restarts after the latest complete stage and reproduces the
 uninterrupted run's weights.
 
+The run's knobs are :class:`~lvr_engine.training.train_config.TrainConfig` (train_config.py), the phases
+:func:`~lvr_engine.training.stages.stage_plan` (stages.py), the checkpoint format and atomic save
+checkpoint.py; this module is the loop.
+
 Layout of ``output_dir``::
 
     config.json, model.safetensors, processor files, lvr_config.json, trainer_state.json   # latest model
@@ -34,16 +38,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -53,134 +53,25 @@ from ..engine.hf_runner import HFModuleRunner
 from ..engine.runner import DecoderRunner
 from ..models import adapter_for
 from ..models.loading import LVR_CONFIG, load_checkpoint, load_processor_or_tokenizer
+from .checkpoint import (
+    TRAINER_STATE,
+    latest_checkpoint,
+    load_resume_state,
+    publish,
+    save_atomic,
+    set_rng_state,
+    write_model,
+    write_processor,
+)
 from .collate import collate
 from .latent_forward import latent_forward, mirage_latent_loss, pool_image_embeddings
+from .stages import StagePlan, stage_lvr_config, stage_plan
+from .train_config import OBJECTIVES, LoraSettings, TrainConfig
 
+# The config, the curriculum and the checkpoint format live in train_config.py, stages.py and checkpoint.py;
+# their names stay importable from here.
 __all__ = ["TrainConfig", "LoraSettings", "StagePlan", "Trainer", "TrainResult", "stage_plan", "load_examples",
            "OBJECTIVES", "LVR_CONFIG", "TRAINER_STATE"]
-
-OBJECTIVES = ("ivtlr", "coconut", "mirage_stage1", "mirage_stage2")
-TRAINER_STATE = "trainer_state.json"
-_PUBLISHED = ("model", "config.json", "generation_config.json", "tokenizer", "processor_config.json",
-              "preprocessor_config.json", "video_preprocessor_config.json", "chat_template", "special_tokens_map.json",
-              "vocab.json", "merges.txt", "added_tokens.json", LVR_CONFIG, TRAINER_STATE)
-
-
-@dataclass
-class LoraSettings:
-    """peft LoRA on the text decoder's projections (the vision tower's ``qkv``/``proj`` are left alone)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs. ``dataset``: "m3cot" / "scienceqa" (read from ``data_dir``),
-    "synthetic" (``synthetic_size`` generated examples), or an in-memory sequence of ReasoningExamples.
-
-    ``num_latent_steps`` caps the latent steps per stage (stage s runs min(s, cap)); for Mirage it is the
-    fixed latent count. ``batch_size`` is per process. ``mode="direct"`` fine-tunes the no-CoT baseline
-    (answer only, stage 0). ``stop_after_stage`` ends the run after that stage's checkpoint (a planned
-    interruption; ``resume=True`` continues it).
-    """
-
-    model: str
-    output_dir: str
-    dataset: Any = "synthetic"
-    data_dir: str | None = None
-    split: str = "train"
-    limit: int | None = None
-    synthetic_size: int = 256
-    objective: str = "ivtlr"
-    mode: str = "cot"
-    max_stage: int = 3
-    epochs_per_stage: int = 1
-    num_latent_steps: int = 3
-    num_selected_patches: int = 32
-    batch_size: int = 4
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float | None = None
-    reset_optimizer_per_stage: bool = True
-    detach_latents: bool = False
-    position_mode: str = "mrope"
-    use_markers: bool = True
-    template: str = "ivtlr"
-    image_size: int | None = None
-    seed: int = 0
-    log_every: int = 1
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    lora: LoraSettings | None = None
-    mirage_text_weight: float = 0.1
-    stop_after_stage: int | None = None
-    progress: bool = True
-    backend: str | None = None
-
-    def __post_init__(self):
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
-        self.validate()
-
-    def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.mode not in ("cot", "direct"):
-            raise ValueError(f"TrainConfig.mode must be 'cot' or 'direct', got {self.mode!r}")
-        for name in ("max_stage", "num_latent_steps", "num_selected_patches", "warmup_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainConfig.{name} must be a non-negative int, got {v!r}")
-        for name in ("epochs_per_stage", "batch_size", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
-        if self.position_mode not in ("mrope", "arange"):
-            raise ValueError(f"TrainConfig.position_mode must be 'mrope' or 'arange', got {self.position_mode!r}")
-        if self.objective == "mirage_stage1" and self.num_latent_steps < 1:
-            raise ValueError("objective='mirage_stage1' needs num_latent_steps >= 1 (latents to supervise)")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if isinstance(self.dataset, str) and self.dataset.lower() in ("m3cot", "scienceqa") and not self.data_dir:
-            raise ValueError(f"dataset {self.dataset!r} is read from disk: set data_dir")
-
-    @property
-    def is_mirage(self) -> bool:
-        return self.objective.startswith("mirage")
-
-    @property
-    def patches(self) -> int:
-        """K actually used: IVT-LR's num_selected_patches; 0 for Coconut and Mirage (hidden state only)."""
-        return self.num_selected_patches if self.objective == "ivtlr" else 0
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        if not isinstance(self.dataset, str):
-            d["dataset"] = f"<{len(self.dataset)} in-memory examples>"
-        return d
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """One phase of the curriculum: ``index`` (checkpoint name stage-<index>), latent steps per row, and
-    reasoning steps removed from the front of every target."""
-
-    index: int
-    num_latent_steps: int
-    replaced_steps: int
-
-
-def stage_plan(cfg: TrainConfig) -> list[StagePlan]:
-    """The phases ``cfg`` trains, in order (see the module docstring)."""
-    if cfg.mode == "direct":
-        return [StagePlan(0, 0, 0)]
-    if cfg.is_mirage:
-        return [StagePlan(0, cfg.num_latent_steps, 0)]
-    return [StagePlan(s, min(s, cfg.num_latent_steps), s) for s in range(cfg.max_stage + 1)]
 
 
 @dataclass
@@ -254,21 +145,6 @@ class LatentLossModule(nn.Module):
         return {"ce_sum": out.ce_sum, "num_tokens": out.num_tokens, "cos_sum": cos_sum}
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _all_have_images(examples) -> bool:
     """Whether every example has an image (without decoding a lazy dataset's images)."""
     if isinstance(examples, list):
@@ -279,13 +155,6 @@ def _all_have_images(examples) -> bool:
 
         return len(rows_with_image(hf)) == len(examples)
     return False
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 class Trainer:
@@ -430,49 +299,14 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _lvr_config(self, stage: StagePlan) -> dict:
-        cfg = self.cfg
-        if cfg.mode == "direct":
-            latent = dict(num_latent_steps=0, num_selected_patches=0, trigger="prompt")
-            eval_mode = "direct"
-        elif cfg.is_mirage:
-            latent = dict(num_latent_steps=0, num_selected_patches=0, trigger="token",
-                          latent_start_id=self.markers["start"], latent_end_id=self.markers["end"],
-                          latent_pad_id=self.markers["pad"], max_latent_steps=max(1, stage.num_latent_steps))
-            eval_mode = "latent"
-        else:
-            N = stage.num_latent_steps
-            latent = dict(num_latent_steps=N, num_selected_patches=cfg.patches if N else 0, trigger="prompt",
-                          start_marker_id=self.markers.get("start") if N else None,
-                          end_marker_id=self.markers.get("end") if N else None)
-            eval_mode = "latent" if N else "cot"
-        latent["position_mode"] = cfg.position_mode
-        return {"latent_config": latent, "objective": cfg.objective, "eval_mode": eval_mode, "stage": stage.index,
-                "replaced_steps": stage.replaced_steps, "template": cfg.template, "image_size": cfg.image_size}
+        return stage_lvr_config(self.cfg, stage, self.markers)
 
     def _write_model(self, dest: Path) -> None:
         """The unwrapped model as safetensors (LoRA merged into a copy; the adapter itself under adapter/)."""
-        model = self.accelerator.unwrap_model(self.module).model
-        if self.cfg.lora is not None:
-            import copy
-
-            model.save_pretrained(dest / "adapter", safe_serialization=True)
-            merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(dest, safe_serialization=True)
-            del merged
-        else:
-            model.save_pretrained(dest, safe_serialization=True)
+        write_model(self.accelerator.unwrap_model(self.module).model, dest, lora=self.cfg.lora is not None)
 
     def _write_processor(self, dest: Path) -> None:
-        self.processor.save_pretrained(dest)
-        # Without torchvision the processor carries a stand-in video processor; keep the source checkpoint's
-        # entry so the saved processor loads with AutoProcessor wherever torchvision is installed.
-        saved, source = dest / "processor_config.json", Path(self.cfg.model) / "processor_config.json"
-        if saved.exists() and source.exists():
-            s, o = json.loads(saved.read_text()), json.loads(source.read_text())
-            vp = s.get("video_processor")
-            if isinstance(vp, dict) and vp.get("video_processor_type") == "VideoProcessorMixin" and "video_processor" in o:
-                s["video_processor"] = o["video_processor"]
-                saved.write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
+        write_processor(self.processor, dest, self.cfg.model)
 
     def _trainer_state(self, stage: StagePlan, completed: bool) -> dict:
         return {"stage": stage.index, "stages_done": list(self.stages_done), "completed": completed,
@@ -484,102 +318,27 @@ class Trainer:
     def save_checkpoint(self, dest: Path, stage: StagePlan, completed: bool) -> None:
         """Write a checkpoint into ``<dest>.tmp`` (same parent) and rename it to ``dest``: a failure anywhere
         (on any process) leaves the previous ``dest`` untouched and no partial directory behind."""
-        acc = self.accelerator
-        rng = _rng_state()  # before anything else might draw
-        tmp = dest.parent / f".tmp-{dest.name}"
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        error = None
-        try:
-            if self.is_main:
-                self._write_model(tmp)
-                self._write_processor(tmp)
-                (tmp / LVR_CONFIG).write_text(json.dumps(self._lvr_config(stage), indent=2) + "\n")
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng, tmp / f"rng_state_{acc.process_index}.pth")
-            if self.is_main:  # written last: its presence marks a complete checkpoint
-                (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(stage, completed), indent=2) + "\n")
-        except Exception as e:  # noqa: BLE001 - re-raised below, after every process agrees to abort
-            error = e
-        failed = acc.reduce(torch.tensor([0 if error is None else 1], device=acc.device), "sum")
-        if int(failed.item()):
-            acc.wait_for_everyone()
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if error is not None:
-                raise error
-            raise RuntimeError(f"checkpoint {dest} failed on another process; previous checkpoint kept")
-        if self.is_main:
-            old = dest.parent / f".old-{dest.name}"
-            if old.exists():
-                shutil.rmtree(old)
-            if dest.exists():
-                os.rename(dest, old)
-            os.rename(tmp, dest)
-            if old.exists():
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
+        def write_main(tmp: Path) -> None:
+            self._write_model(tmp)
+            self._write_processor(tmp)
+            (tmp / LVR_CONFIG).write_text(json.dumps(self._lvr_config(stage), indent=2) + "\n")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+
+        save_atomic(self.accelerator, dest, write_main, lambda: self._trainer_state(stage, completed))
 
     def publish(self, ckpt: Path) -> None:
         """Make ``ckpt``'s model the top level of ``output_dir`` (each file replaced atomically with os.replace,
         weights before ``trainer_state.json``), so ``LatentGenerator.from_pretrained(output_dir)`` loads it."""
-        if not self.is_main:
-            return
-        staging = self.output_dir / ".tmp-publish"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        files = [p for p in ckpt.iterdir() if p.is_file() and p.name.startswith(_PUBLISHED)]
-        for p in files:
-            _link_or_copy(p, staging / p.name)
-        names = {p.name for p in files}
-        for p in sorted(files, key=lambda p: p.name == TRAINER_STATE):
-            os.replace(staging / p.name, self.output_dir / p.name)
-        for p in self.output_dir.glob("model*.safetensors*"):  # shards of an earlier, differently sharded save
-            if p.name not in names:
-                p.unlink()
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.is_main:
+            publish(ckpt, self.output_dir)
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete stage checkpoint under ``output_dir/checkpoints`` (None when there is none)."""
-        if not self.ckpt_root.is_dir():
-            return None
-        found = []
-        for d in self.ckpt_root.iterdir():
-            if d.is_dir() and d.name.startswith("stage-") and d.name[6:].isdigit():
-                found.append((int(d.name[6:]), d))
-        for _, d in sorted(found, reverse=True):
-            return d
-        return None
+        return latest_checkpoint(self.ckpt_root)
 
     def _load_resume_state(self, ckpt: Path) -> dict:
-        state_file = ckpt / TRAINER_STATE
-        if not state_file.is_file():
-            raise ValueError(f"cannot resume: checkpoint {ckpt} is incomplete (no {TRAINER_STATE})")
-        try:
-            state = json.loads(state_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot resume: {state_file} is corrupt ({e})") from e
-        need = ["optimizer.pt", "scheduler.pt", f"rng_state_{self.accelerator.process_index}.pth"]
-        missing = [n for n in need if not (ckpt / n).is_file()]
-        if missing:
-            raise ValueError(f"cannot resume: checkpoint {ckpt} lacks {missing}")
-        if state.get("global_batch_size") != self.cfg.batch_size * self.world:
-            raise ValueError(
-                f"cannot resume {ckpt} exactly: it was trained with a global batch of {state.get('global_batch_size')}"
-                f" ({state.get('num_processes')} processes), this run has {self.cfg.batch_size * self.world}")
-        for key in ("objective", "seed"):
-            if state.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"cannot resume {ckpt}: it was trained with {key}={state.get(key)!r}, "
-                                 f"this run has {getattr(self.cfg, key)!r}")
-        if bool(state.get("lora")) != (self.cfg.lora is not None):
-            raise ValueError(f"cannot resume {ckpt}: LoRA {'on' if state.get('lora') else 'off'} there, "
-                             f"{'on' if self.cfg.lora is not None else 'off'} here")
-        return state
+        return load_resume_state(ckpt, self.cfg, self.world, self.accelerator.process_index)
 
     # -- training ---------------------------------------------------------------------------------
     def _log(self, row: dict) -> None:
@@ -635,7 +394,7 @@ class Trainer:
             if not cfg.reset_optimizer_per_stage:
                 self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
                 self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-            _set_rng_state(torch.load(ckpt / f"rng_state_{acc.process_index}.pth", weights_only=False))
+            set_rng_state(torch.load(ckpt / f"rng_state_{acc.process_index}.pth", weights_only=False))
             self._print(f"resuming from {ckpt} (stage {done} done, step {self.global_step})")
         else:
             self._new_optimizer()
@@ -685,7 +444,8 @@ class Trainer:
                                 image_size=cfg.image_size, helper_images=mirage1).to(acc.device)
                 B = len(rows)
                 local_tokens = batch.num_target_tokens + n_markers * B
-                processed = int(batch.attention_mask.sum()) + local_tokens + B * stage.num_latent_steps * (cfg.patches + 1)
+                processed = (int(batch.attention_mask.sum()) + local_tokens
+                             + B * stage.num_latent_steps * (cfg.patches + 1))
                 counts = acc.reduce(torch.tensor([local_tokens, B * stage.num_latent_steps, processed],
                                                  dtype=torch.float64, device=acc.device), "sum")
                 n_tok, n_lat, n_proc = (float(c) for c in counts.tolist())
