@@ -1,5 +1,6 @@
-// CPU kernels of the latent-step ops (see lvr_engine/ops/reference.py for the semantics) and the
-// torch.library schema shared with the CUDA kernels in ops_cuda.cu.
+// CPU kernels of the attention ops image_attention_scores and chunk_attention_with_scores (semantics:
+// lvr_engine/ops/reference.py), their torch.library schema (shared with the CUDA kernels in ops_cuda.cu; the other
+// ops define theirs in their own files) and the `lvr_engine._C` Python module. Argument checks: op_checks.h.
 //
 // Layout conventions (element strides, last dim contiguous):
 //   q (B,H,D) / (B,C,H,D), k/v cache (B,Hkv,S,D), seq_lens (B) int32/int64,
@@ -18,13 +19,13 @@
 #include <torch/library.h>
 
 #include "cpu_vec.h"
+#include "op_checks.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -239,26 +240,11 @@ void load_kt(const T* __restrict K, int64_t lds, int n, int D, float* __restrict
 // ---------------------------------------------------------------------------------------------
 // Argument reading helpers.
 
+using checks::rows_contiguous;
+
 inline int64_t read_index(const at::Tensor& t, const void* base, int64_t offset) {
   return t.scalar_type() == at::kInt ? static_cast<const int32_t*>(base)[offset]
                                      : static_cast<const int64_t*>(base)[offset];
-}
-
-void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, name,
-              " must be float32, bfloat16 or float16, got ", st);
-}
-
-void check_index_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
-              " must be int32 or int64, got ", t.scalar_type());
-}
-
-// Last dim contiguous (the kernels read rows with unit stride); other dims may be strided, so
-// slices of a static KV cache are used without a copy.
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
 }
 
 // Work split over (b, kv head, head slice): enough tasks to keep every thread busy even for B=1.
@@ -467,37 +453,12 @@ std::vector<int64_t> read_lens(const at::Tensor& seq_lens) {
   return std::vector<int64_t>(p, p + l.numel());
 }
 
-void check_scores_args(const at::Tensor& slots, const at::Tensor& scores, int64_t B) {
-  check_index_dtype(slots, "image_slots");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B, "image_slots must be (B,I) with B=", B,
-              ", got ", slots.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat, "scores must be float32, got ", scores.scalar_type());
-  TORCH_CHECK(scores.dim() == 2 && scores.sizes() == slots.sizes(), "scores must be (B,I) like image_slots ",
-              slots.sizes(), ", got ", scores.sizes());
-}
-
 void image_attention_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& seq_lens,
                                 const at::Tensor& image_slots, const at::Tensor& scores, double scale,
                                 const c10::optional<at::Tensor>& lse) {
-  TORCH_CHECK(q_in.dim() == 3, "q must be (B,H,D), got ", q_in.sizes());
-  TORCH_CHECK(k_in.dim() == 4, "k must be (B,Hkv,S,D), got ", k_in.sizes());
-  check_float_dtype(q_in, "q");
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), "k dtype ", k_in.scalar_type(), " must match q dtype ",
-              q_in.scalar_type());
-  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "k must be (B=", B, ",Hkv,S,D=", D, "), got ", k_in.sizes());
-  TORCH_CHECK(k_in.size(1) > 0 && H % k_in.size(1) == 0, "num heads H=", H, " of q must be a multiple of Hkv=",
-              k_in.size(1), " of k");
-  check_index_dtype(seq_lens, "seq_lens");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "seq_lens must be (B=", B, "), got ", seq_lens.sizes());
-  check_scores_args(image_slots, scores, B);
-  if (lse) {
-    TORCH_CHECK(lse->scalar_type() == at::kFloat, "lse must be float32, got ", lse->scalar_type());
-    TORCH_CHECK(lse->dim() == 2 && lse->size(0) == B && lse->size(1) == H, "lse must be (B=", B, ",H=", H,
-                "), got ", lse->sizes());
-  }
-  for (const at::Tensor* t : {&q_in, &k_in, &seq_lens, &image_slots, &scores})
-    TORCH_CHECK(t->device().is_cpu(), "image_attention_scores (cpu): all tensors must be on CPU");
+  checks::image_attention_scores_args(q_in, k_in, seq_lens, image_slots, scores, lse);
+  checks::devices("image_attention_scores", at::kCPU, {&q_in, &k_in, &seq_lens, &image_slots, &scores});
+  const int64_t B = q_in.size(0);
   const auto lens = read_lens(seq_lens);
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lens[b] >= 0 && lens[b] <= k_in.size(2), "seq_lens[", b, "]=", lens[b], " outside [0, S=",
@@ -562,26 +523,10 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 at::Tensor chunk_attention_with_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                            const at::Tensor& seq_lens, const c10::optional<at::Tensor>& image_slots,
                                            const c10::optional<at::Tensor>& scores, double scale) {
-  TORCH_CHECK(q_in.dim() == 4, "q must be (B,C,H,D), got ", q_in.sizes());
-  TORCH_CHECK(k_in.dim() == 4, "k_cache must be (B,Hkv,S,D), got ", k_in.sizes());
-  TORCH_CHECK(v_in.sizes() == k_in.sizes(), "v_cache must have k_cache's shape ", k_in.sizes(), ", got ",
-              v_in.sizes());
-  check_float_dtype(q_in, "q");
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
-              "k_cache/v_cache dtypes (", k_in.scalar_type(), ", ", v_in.scalar_type(), ") must match q dtype ",
-              q_in.scalar_type());
+  const bool with_scores = checks::chunk_attention_args(q_in, k_in, v_in, seq_lens, image_slots, scores);
+  checks::devices("chunk_attention_with_scores", at::kCPU, {&q_in, &k_in, &v_in, &seq_lens});
+  if (with_scores) checks::devices("chunk_attention_with_scores", at::kCPU, {&*image_slots, &*scores});
   const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "k_cache must be (B=", B, ",Hkv,S,D=", D, "), got ",
-              k_in.sizes());
-  TORCH_CHECK(k_in.size(1) > 0 && H % k_in.size(1) == 0, "num heads H=", H, " of q must be a multiple of Hkv=",
-              k_in.size(1), " of k_cache");
-  TORCH_CHECK(C >= 1, "q must hold at least one chunk query (C >= 1), got C=", C);
-  check_index_dtype(seq_lens, "seq_lens");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "seq_lens must be (B=", B, "), got ", seq_lens.sizes());
-  const bool with_scores = scores.has_value() && image_slots.has_value();
-  if (with_scores) check_scores_args(*image_slots, *scores, B);
-  for (const at::Tensor* t : {&q_in, &k_in, &v_in, &seq_lens})
-    TORCH_CHECK(t->device().is_cpu(), "chunk_attention_with_scores (cpu): all tensors must be on CPU");
   const auto lens = read_lens(seq_lens);
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lens[b] >= C && lens[b] <= k_in.size(2), "seq_lens[", b, "]=", lens[b],
@@ -599,76 +544,6 @@ at::Tensor chunk_attention_with_scores_cpu(const at::Tensor& q_in, const at::Ten
   return out;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Op 2: select_and_feedback.
-
-at::Tensor select_and_feedback_cpu(const at::Tensor& scores, const at::Tensor& available, const at::Tensor& image_embeds_in,
-                                   const at::Tensor& hidden_in, int64_t k, const at::Tensor& out) {
-  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, "scores must be (B,I) float32, got ",
-              scores.sizes(), " ", scores.scalar_type());
-  const int64_t B = scores.size(0), I = scores.size(1);
-  TORCH_CHECK(available.scalar_type() == at::kBool && available.sizes() == scores.sizes(),
-              "available must be (B,I) bool like scores ", scores.sizes(), ", got ", available.sizes(), " ",
-              available.scalar_type());
-  TORCH_CHECK(image_embeds_in.dim() == 3 && image_embeds_in.size(0) == B && image_embeds_in.size(1) == I,
-              "image_embeds must be (B=", B, ",I=", I, ",D), got ", image_embeds_in.sizes());
-  const int64_t D = image_embeds_in.size(2);
-  TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.size(0) == B && hidden_in.size(1) == D, "hidden must be (B=", B,
-              ",D=", D, "), got ", hidden_in.sizes());
-  TORCH_CHECK(k >= 0 && k <= I, "k=", k, " must lie in [0, I=", I, "]");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == k + 1 && out.size(2) == D, "out must be (B=", B,
-              ",k+1=", k + 1, ",D=", D, "), got ", out.sizes());
-  TORCH_CHECK(image_embeds_in.scalar_type() == out.scalar_type(), "image_embeds dtype ",
-              image_embeds_in.scalar_type(), " must match out dtype ", out.scalar_type());
-  TORCH_CHECK(out.stride(2) == 1, "out must have a contiguous last dim (it is written in place)");
-  for (const at::Tensor* t : {&scores, &available, &image_embeds_in, &hidden_in, &out})
-    TORCH_CHECK(t->device().is_cpu(), "select_and_feedback (cpu): all tensors must be on CPU");
-  const at::Tensor embeds = rows_contiguous(image_embeds_in);
-  const at::Tensor hidden = rows_contiguous(hidden_in.to(out.scalar_type()));
-  at::Tensor idx = at::empty({B, k}, scores.options().dtype(at::kLong));
-  const int64_t esz = out.element_size();
-  const float* sp = scores.const_data_ptr<float>();
-  bool* ap = available.data_ptr<bool>();
-  const char* ep = static_cast<const char*>(embeds.const_data_ptr());
-  const char* hp = static_cast<const char*>(hidden.const_data_ptr());
-  char* op = static_cast<char*>(out.data_ptr());
-  int64_t* ip = idx.data_ptr<int64_t>();
-
-  // A row's selection is a few microseconds of work: only fan out when there are many rows.
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(I * (k + 1), 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> key(I);
-    std::vector<int64_t> order(I);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t i = 0; i < I; ++i)
-        key[i] = ap[b * available.stride(0) + i * available.stride(1)]
-                     ? sp[b * scores.stride(0) + i * scores.stride(1)]
-                     : -std::numeric_limits<float>::infinity();
-      // Order of torch's stable descending sort: NaN first, then larger, ties by lower index.
-      auto before = [&](int64_t x, int64_t y) {
-        const float kx = key[x], ky = key[y];
-        const bool nx = std::isnan(kx), ny = std::isnan(ky);
-        if (nx != ny) return nx;
-        if (!nx && kx != ky) return kx > ky;
-        return x < y;
-      };
-      std::iota(order.begin(), order.end(), 0);
-      if (k > 0 && k < I) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
-      std::sort(order.begin(), order.begin() + k);
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = order[j];
-        ip[b * k + j] = i;
-        ap[b * available.stride(0) + i * available.stride(1)] = false;
-        std::memcpy(op + (b * out.stride(0) + j * out.stride(1)) * esz,
-                    ep + (b * embeds.stride(0) + i * embeds.stride(1)) * esz, D * esz);
-      }
-      std::memcpy(op + (b * out.stride(0) + k * out.stride(1)) * esz, hp + b * hidden.stride(0) * esz, D * esz);
-    }
-  });
-  scores.zero_();
-  return idx;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(lvr_engine, m) {
@@ -676,16 +551,12 @@ TORCH_LIBRARY(lvr_engine, m) {
       "image_attention_scores(Tensor q, Tensor k, Tensor seq_lens, Tensor image_slots, Tensor(a!) scores, "
       "float scale, Tensor? lse=None) -> ()");
   m.def(
-      "select_and_feedback(Tensor(a!) scores, Tensor(b!) available, Tensor image_embeds, Tensor hidden, "
-      "int k, Tensor(c!) out) -> Tensor");
-  m.def(
       "chunk_attention_with_scores(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, "
       "Tensor? image_slots, Tensor(a!)? scores, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lvr_engine, CPU, m) {
   m.impl("image_attention_scores", &image_attention_scores_cpu);
-  m.impl("select_and_feedback", &select_and_feedback_cpu);
   m.impl("chunk_attention_with_scores", &chunk_attention_with_scores_cpu);
 }
 

@@ -1,4 +1,5 @@
-// CUDA kernels of the latent-step ops (semantics: lvr_engine/ops/reference.py; schema: ops.cpp).
+// CUDA kernels of the latent-step ops (semantics: lvr_engine/ops/reference.py; schema: ops.cpp and
+// select_and_feedback.cpp; argument checks shared with the CPU kernels: op_checks.h).
 //
 //   image_attention_scores       grid (B, H), one block per (row, query head); warps stride over keys.
 //   chunk_attention_with_scores  grid (B, H), one block per (row, query head) holding all C chunk
@@ -16,6 +17,8 @@
 #include <torch/library.h>
 
 #include <cuda_runtime.h>
+
+#include "op_checks.h"
 
 #include <climits>
 #include <cmath>
@@ -297,22 +300,7 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor (cuda backend)");
-}
-
-void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, name,
-              " must be float32, bfloat16 or float16, got ", s);
-}
-
-void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name, " must be int32 or int64, got ",
-              t.scalar_type());
-}
-
-at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+using checks::rows_contiguous;
 
 size_t set_smem(const void* kernel, size_t bytes) {
   int dev = 0, optin = 0;
@@ -337,23 +325,10 @@ void dispatch_float(at::ScalarType st, F&& f) {
 void image_attention_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& seq_lens,
                                  const at::Tensor& image_slots, const at::Tensor& scores, double scale,
                                  const c10::optional<at::Tensor>& lse) {
-  TORCH_CHECK(q_in.dim() == 3, "q must be (B,H,D), got ", q_in.sizes());
-  TORCH_CHECK(k_in.dim() == 4, "k must be (B,Hkv,S,D), got ", k_in.sizes());
-  check_float_dtype(q_in, "q");
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), "k dtype must match q dtype");
+  checks::image_attention_scores_args(q_in, k_in, seq_lens, image_slots, scores, lse);
+  checks::devices("image_attention_scores", at::kCUDA, {&q_in, &k_in, &seq_lens, &image_slots, &scores});
+  if (lse) checks::devices("image_attention_scores", at::kCUDA, {&*lse});
   const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(2), Hkv = k_in.size(1), S = k_in.size(2);
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "k must be (B,Hkv,S,D) matching q, got ", k_in.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "num heads H=", H, " of q must be a multiple of Hkv=", Hkv, " of k");
-  check_index(seq_lens, "seq_lens");
-  check_index(image_slots, "image_slots");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "seq_lens must be (B,)");
-  TORCH_CHECK(image_slots.dim() == 2 && image_slots.size(0) == B, "image_slots must be (B,I)");
-  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.sizes() == image_slots.sizes(),
-              "scores must be float32 shaped like image_slots");
-  if (lse)
-    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->dim() == 2 && lse->size(0) == B && lse->size(1) == H,
-                "lse must be (B,H) float32");
-  for (auto* p : {&q_in, &k_in, &seq_lens, &image_slots, &scores}) check_cuda(*p, "image_attention_scores input");
   const int64_t I = image_slots.size(1);
   if (B == 0 || I == 0) return;
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -380,28 +355,12 @@ void image_attention_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
 at::Tensor chunk_attention_with_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                             const at::Tensor& seq_lens, const c10::optional<at::Tensor>& image_slots,
                                             const c10::optional<at::Tensor>& scores, double scale) {
-  TORCH_CHECK(q_in.dim() == 4, "q must be (B,C,H,D), got ", q_in.sizes());
-  TORCH_CHECK(k_in.dim() == 4 && v_in.sizes() == k_in.sizes(), "k_cache and v_cache must both be (B,Hkv,S,D)");
-  check_float_dtype(q_in, "q");
-  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
-              "k_cache/v_cache dtype must match q dtype");
+  const bool have_scores = checks::chunk_attention_args(q_in, k_in, v_in, seq_lens, image_slots, scores);
+  checks::devices("chunk_attention_with_scores", at::kCUDA, {&q_in, &k_in, &v_in, &seq_lens});
+  if (have_scores) checks::devices("chunk_attention_with_scores", at::kCUDA, {&*image_slots, &*scores});
+  const bool with_scores = have_scores && image_slots->size(1) > 0;
   const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), S = k_in.size(2);
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "k_cache must be (B,Hkv,S,D) matching q, got ", k_in.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "num heads H=", H, " of q must be a multiple of Hkv=", Hkv, " of k_cache");
-  TORCH_CHECK(C >= 1, "q must hold at least one chunk query");
-  check_index(seq_lens, "seq_lens");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "seq_lens must be (B,)");
-  const bool with_scores = scores.has_value() && image_slots.has_value() && image_slots->size(1) > 0;
-  if (with_scores) {
-    check_index(*image_slots, "image_slots");
-    TORCH_CHECK(image_slots->dim() == 2 && image_slots->size(0) == B, "image_slots must be (B,I)");
-    TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->sizes() == image_slots->sizes(),
-                "scores must be float32 shaped like image_slots");
-    check_cuda(*scores, "scores");
-    check_cuda(*image_slots, "image_slots");
-  }
-  for (auto* p : {&q_in, &k_in, &v_in, &seq_lens}) check_cuda(*p, "chunk_attention_with_scores input");
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty({B, C, H, D}, q_in.options());
   if (B == 0) return out;
@@ -435,20 +394,10 @@ at::Tensor chunk_attention_with_scores_cuda(const at::Tensor& q_in, const at::Te
 at::Tensor select_and_feedback_cuda(const at::Tensor& scores, const at::Tensor& available,
                                     const at::Tensor& image_embeds_in, const at::Tensor& hidden_in, int64_t k,
                                     const at::Tensor& out) {
-  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, "scores must be (B,I) float32");
-  const int64_t B = scores.size(0), I = scores.size(1);
-  TORCH_CHECK(available.scalar_type() == at::kBool && available.sizes() == scores.sizes(),
-              "available must be (B,I) bool like scores");
-  TORCH_CHECK(image_embeds_in.dim() == 3 && image_embeds_in.size(0) == B && image_embeds_in.size(1) == I,
-              "image_embeds must be (B,I,D)");
-  const int64_t D = image_embeds_in.size(2);
-  TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.size(0) == B && hidden_in.size(1) == D, "hidden must be (B,D)");
-  TORCH_CHECK(k >= 0 && k <= I, "k=", k, " must lie in [0, I=", I, "]");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == k + 1 && out.size(2) == D && out.stride(2) == 1,
-              "out must be (B,k+1,D) with a contiguous last dim");
-  TORCH_CHECK(image_embeds_in.scalar_type() == out.scalar_type(), "image_embeds dtype must match out dtype");
-  check_float_dtype(out, "out");
-  for (auto* p : {&scores, &available, &image_embeds_in, &hidden_in, &out}) check_cuda(*p, "select_and_feedback input");
+  checks::select_and_feedback_args(scores, available, image_embeds_in, hidden_in, k, out);
+  checks::float_dtype(out, "out");  // the kernel is instantiated for the float types only
+  checks::devices("select_and_feedback", at::kCUDA, {&scores, &available, &image_embeds_in, &hidden_in, &out});
+  const int64_t B = scores.size(0), I = scores.size(1), D = image_embeds_in.size(2);
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor idx = at::empty({B, k}, scores.options().dtype(at::kLong));
   if (B == 0) return idx;
