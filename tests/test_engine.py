@@ -230,15 +230,15 @@ def test_last_token_forwards_equal_full_forwards(vlm_qwen2, monkeypatch, backend
     calls = []
     real_prefill, real_step = gen.runner.prefill, gen.runner.step
 
-    def full_prefill(embeds, positions, lens, cache, image_slots=None, scores=None, last_only=False):
+    def full_prefill(embeds, positions, lens, cache, image_slots=None, scores=None, last_only=False, **kw):
         calls.append(("prefill", last_only))
-        hidden = real_prefill(embeds, positions, lens, cache, image_slots, scores, last_only=False)
+        hidden = real_prefill(embeds, positions, lens, cache, image_slots, scores, last_only=False, **kw)
         assert hidden.shape[:2] == embeds.shape[:2]
         return hidden[torch.arange(hidden.shape[0]), lens - 1][:, None]
 
-    def full_step(embeds, positions, cache, image_slots=None, scores=None, last_only=False):
+    def full_step(embeds, positions, cache, image_slots=None, scores=None, last_only=False, **kw):
         calls.append(("step", last_only))
-        hidden = real_step(embeds, positions, cache, image_slots, scores, last_only=False)
+        hidden = real_step(embeds, positions, cache, image_slots, scores, last_only=False, **kw)
         assert hidden.shape[:2] == embeds.shape[:2]
         return hidden[:, -1:] if last_only else hidden
     monkeypatch.setattr(gen.runner, "prefill", full_prefill)

@@ -22,6 +22,15 @@ class LatentConfig:
     hidden state for at most ``max_latent_steps`` steps until it emits ``latent_end_id``.
     Token ids may be given as token strings; ``LatentGenerator.from_pretrained`` (or a generator built
     with a tokenizer) resolves them.
+
+    ``patch_order``: the order a step feeds its K patches: "ascending" (image-token order) or "official" (what
+    the official IVT-LR code gets from CUDA ``topk(sorted=False)``: patches scoring above the K-th best in
+    ascending order, then those tied with it). ``score_precision``: "fp32" accumulates the attention scores in
+    fp32; "model" rounds each probability, and their mean, to the model's dtype (eager attention + torch.mean in
+    bf16). ``placeholder_id``: a prompt ending with ``num_latent_steps`` of these tokens (the official IVT-LR
+    prompt) runs them as the latent steps; a name the tokenizer does not know resolves to None.
+    ``ignore_first_eos``: the official IVT-LR loop never checks the first generated token for EOS.
+    See docs/semantics.md.
     """
 
     num_latent_steps: int = 3
@@ -35,6 +44,10 @@ class LatentConfig:
     latent_pad_id: TokenRef = None
     max_latent_steps: int = 8
     backend: str | None = None  # ops backend; None = best for the device
+    patch_order: str = "ascending"
+    score_precision: str = "fp32"
+    placeholder_id: TokenRef = None
+    ignore_first_eos: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -54,7 +67,14 @@ class LatentConfig:
             raise ValueError(f"LatentConfig.trigger must be 'prompt' or 'token', got {self.trigger!r}")
         if self.backend not in (None, "torch", "cpu", "triton", "cuda"):
             raise ValueError(f"LatentConfig.backend must be None, 'torch', 'cpu', 'triton' or 'cuda', got {self.backend!r}")
-        for name in ("start_marker_id", "end_marker_id", "latent_start_id", "latent_end_id", "latent_pad_id"):
+        if self.patch_order not in ("ascending", "official"):
+            raise ValueError(f"LatentConfig.patch_order must be 'ascending' or 'official', got {self.patch_order!r}")
+        if self.score_precision not in ("fp32", "model"):
+            raise ValueError(f"LatentConfig.score_precision must be 'fp32' or 'model', got {self.score_precision!r}")
+        if not isinstance(self.ignore_first_eos, bool):
+            raise ValueError(f"LatentConfig.ignore_first_eos must be a bool, got {self.ignore_first_eos!r}")
+        for name in ("start_marker_id", "end_marker_id", "latent_start_id", "latent_end_id", "latent_pad_id",
+                     "placeholder_id"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str) and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"LatentConfig.{name} must be a token id >= 0, a token string or None, got {v!r}")
@@ -76,7 +96,7 @@ class LatentConfig:
         """Names of the token-id fields this config uses."""
         if self.trigger == "token":
             return ["latent_start_id", "latent_end_id", "latent_pad_id"]
-        return ["start_marker_id", "end_marker_id"]
+        return ["start_marker_id", "end_marker_id", "placeholder_id"]
 
     @property
     def resolved(self) -> bool:
@@ -86,9 +106,12 @@ class LatentConfig:
     # Presets -------------------------------------------------------------------------------------
     @classmethod
     def ivtlr(cls, **overrides) -> "LatentConfig":
-        """IVT-LR: 3 latent steps of 32 patches + hidden state, arange positions (official checkpoints)."""
+        """IVT-LR as the official inference runs its released checkpoints: 3 latent steps of 32 patches + hidden
+        state, no markers, arange positions, the official patch order and score precision, trailing
+        ``<|latent|>`` placeholders consumed as the steps, no EOS check on the first token."""
         base = dict(num_latent_steps=3, num_selected_patches=32, position_mode="arange", trigger="prompt",
-                    start_marker_id=COCONUT_TOKENS["start"], end_marker_id=COCONUT_TOKENS["end"])
+                    start_marker_id=None, end_marker_id=None, patch_order="official", score_precision="model",
+                    placeholder_id=COCONUT_TOKENS["latent"], ignore_first_eos=True)
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -115,6 +138,9 @@ class LatentConfig:
                 tid = tokenizer.convert_tokens_to_ids(v) if tokenizer is not None else None
                 unk = getattr(tokenizer, "unk_token_id", None)
                 if tid is None or (unk is not None and tid == unk and v != getattr(tokenizer, "unk_token", None)):
+                    if name == "placeholder_id":  # only recognises a prompt layout: no such token, no such prompt
+                        changes[name] = None
+                        continue
                     raise ValueError(
                         f"LatentConfig.{name}={v!r} is not a token of this tokenizer; add it "
                         "(tokenizer.add_special_tokens) or pass the id"

@@ -60,14 +60,16 @@ class GraphedSteps:
         self.runner, self.ws, self.mode = runner, workspace, mode
         self.graphs = {}  # (C, with_scores, last_only) -> (graph or None, static input, static positions, output)
 
-    def step(self, chunk: torch.Tensor, positions: torch.Tensor, with_scores: bool,
-             last_only: bool = False) -> torch.Tensor:
+    def step(self, chunk: torch.Tensor, positions: torch.Tensor, with_scores: bool, last_only: bool = False,
+             weights=None, prob_dtype=None) -> torch.Tensor:
         """chunk (B, C, h), positions (3, B, C) -> hidden (B, C, h), or (B, 1, h) of the last token with
-        ``last_only``; the cache advances by C."""
+        ``last_only``; the cache advances by C. ``weights``: the call's compute weights (a captured graph keeps
+        reading the tensors it was captured with; the runner's weight cache keeps them stable across calls);
+        ``prob_dtype``: score rounding (runner.step)."""
         C = chunk.shape[1]
-        key = (C, with_scores, last_only)
+        key = (C, with_scores, last_only, prob_dtype)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(chunk, positions, with_scores, last_only)
+            self.graphs[key] = self._capture(chunk, positions, with_scores, last_only, weights, prob_dtype)
         graph, s_in, s_pos, s_out = self.graphs[key]
         cache = self.ws.cache
         if cache.filled + C > cache.max_len:
@@ -75,18 +77,19 @@ class GraphedSteps:
         s_in.copy_(chunk)
         s_pos.copy_(positions)
         if graph is None:  # emulation: same buffers, eager kernels
-            s_out.copy_(self._run(s_in, s_pos, with_scores, last_only))
+            s_out.copy_(self._run(s_in, s_pos, with_scores, last_only, weights, prob_dtype))
         else:
             graph.replay()
             cache.filled += C  # the captured step advanced lens on the device; mirror the host counter
         return s_out
 
-    def _run(self, x, pos, with_scores, last_only):
+    def _run(self, x, pos, with_scores, last_only, weights, prob_dtype):
         ws = self.ws
         return self.runner.step(x, pos, ws.cache, ws.image_slots if with_scores else None,
-                                ws.scores if with_scores else None, last_only=last_only)
+                                ws.scores if with_scores else None, last_only=last_only, weights=weights,
+                                prob_dtype=prob_dtype)
 
-    def _capture(self, chunk, positions, with_scores, last_only):
+    def _capture(self, chunk, positions, with_scores, last_only, weights, prob_dtype):
         s_in, s_pos = chunk.clone(), positions.clone()
         if self.mode == "emulate":
             return None, s_in, s_pos, torch.empty_like(chunk[:, -1:] if last_only else chunk)
@@ -95,13 +98,13 @@ class GraphedSteps:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up run: lazy initialisation must not happen during capture
-            self._run(s_in, s_pos, with_scores, last_only)
+            self._run(s_in, s_pos, with_scores, last_only, weights, prob_dtype)
         torch.cuda.current_stream().wait_stream(side)
         cache.lens.copy_(lens)
         cache.filled = filled
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            s_out = self._run(s_in, s_pos, with_scores, last_only)
+            s_out = self._run(s_in, s_pos, with_scores, last_only, weights, prob_dtype)
         # Capturing records kernels without running them; undo the host-side bookkeeping and the warm-up.
         cache.lens.copy_(lens)
         cache.filled = filled

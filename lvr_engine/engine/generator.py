@@ -9,9 +9,10 @@ import torch
 
 from ..models import adapter_for
 from .config import LatentConfig
-from .inputs import validate_and_layout
+from .inputs import consume_placeholders, validate_and_layout
 from .cuda_graphs import GraphedSteps, Workspace, _round_up, bucket_for
 from .kv_cache import StaticKVCache
+from .latent_step import begin_segment, run_latent_steps
 from .prompt import next_positions, prepare_prompt
 from .hf_runner import HFModuleRunner
 from .runner import DecoderRunner
@@ -148,10 +149,9 @@ class LatentGenerator:
         With CUDA graphs the batch is padded to its bucket with dummy rows; the hook sees them too.
         The model's weights are read once per call: a hook must not modify them.
         """
-        with self.runner.weights_pinned():
-            return self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
-                                  max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-                                  pad_token_id, latent_hook, return_latents)
+        return self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                              max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                              pad_token_id, latent_hook, return_latents)
 
     def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, max_new_tokens,
                   do_sample, temperature, top_k, top_p, seed, eos_token_id, pad_token_id, latent_hook,
@@ -162,15 +162,19 @@ class LatentGenerator:
         K = cfg.num_selected_patches if N > 0 else 0
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
-        batch = validate_and_layout(self.adapter, cpu(input_ids), cpu(attention_mask), pixel_values,
+        input_ids, attention_mask = cpu(input_ids), cpu(attention_mask)
+        if prompt_trigger and cfg.placeholder_id is not None:  # the official layout: prompt + N <|latent|>
+            attention_mask = consume_placeholders(input_ids, attention_mask, cfg.placeholder_id, N)
+        batch = validate_and_layout(self.adapter, input_ids, attention_mask, pixel_values,
                                     cpu(image_grid_thw), mm_token_type_ids, max_new_tokens, N, K)
         eos = self._eos_ids(eos_token_id)
+        weights = self.runner.forward_weights()  # validated once; every forward of this call reads these
         pad_id = self.adapter.pad_token_id if pad_token_id is None else int(pad_token_id)
         B_real = batch.ids.shape[0]
         if self.graph_mode is not None and bucket_for(B_real) > B_real:
             # Graph replays have fixed batch sizes: add one-token dummy rows up to the bucket (dropped at the end).
             input_ids, attention_mask, mm_token_type_ids = _pad_rows(
-                cpu(input_ids), cpu(attention_mask), mm_token_type_ids, bucket_for(B_real) - B_real, pad_id)
+                input_ids, attention_mask, mm_token_type_ids, bucket_for(B_real) - B_real, pad_id)
             batch = validate_and_layout(self.adapter, input_ids, attention_mask, pixel_values, cpu(image_grid_thw),
                                         mm_token_type_ids, max_new_tokens, 0, 0)
 
@@ -182,66 +186,59 @@ class LatentGenerator:
         # -- prompt: embeddings with images scattered in, positions, optional start marker -----------------
         use_start = N > 0 and cfg.start_marker_id is not None
         use_end = N > 0 and cfg.end_marker_id is not None
-        p = prepare_prompt(self.adapter, self.runner.embed, batch, input_ids, attention_mask, pixel_values,
-                           image_grid_thw, mm_token_type_ids, cfg.position_mode,
-                           cfg.start_marker_id if use_start else None, dev, dtype)
-        embeds, positions, offset, lens, image_slots = p.embeds, p.positions, p.offset, p.lens, p.image_slots
-        image_embeds = p.image_embeds
-        S = embeds.shape[1]
+        p = prepare_prompt(self.adapter, self.runner.embed, batch, input_ids, pixel_values, image_grid_thw,
+                           mm_token_type_ids, cfg.position_mode, cfg.start_marker_id if use_start else None,
+                           dev, dtype)
+        S = p.embeds.shape[1]
         stats.prompt_tokens = int(batch.lens.sum())
         latent_len = N * (K + 1) + (1 if use_end else 0) + (1 if use_start else 0)
         stats.latent_positions = latent_len
-        steps = self._steps(B, S + latent_len + max_new_tokens, image_slots, dtype, dev)
+        steps = self._steps(B, S + latent_len + max_new_tokens, p.image_slots, dtype, dev)
         cache = steps.cache
         if steps.image_slots is not None:  # persistent (graph) buffers are wider: pad the per-call tensors
-            image_slots = steps.image_slots
-            image_embeds = torch.nn.functional.pad(image_embeds, (0, 0, 0, image_slots.shape[1] - image_embeds.shape[1]))
-        scores = steps.scores if steps.scores is not None else (
-            torch.zeros(image_slots.shape, dtype=torch.float32, device=dev) if N > 0 else None)
-        steps.bind(image_slots, scores)
+            width = steps.image_slots.shape[1]
+            p.image_slots = steps.image_slots
+            p.image_embeds = torch.nn.functional.pad(p.image_embeds, (0, 0, 0, width - p.image_embeds.shape[1]))
+        end_embed = self.runner.embed(torch.tensor([cfg.end_marker_id], device=dev))[0] if use_end else None
+        w = self.runner.w
+        seg = begin_segment(p, N, K, patch_order=cfg.patch_order, score_precision=cfg.score_precision,
+                            model_dtype=self.adapter.dtype, num_score_terms=len(w.layers) * w.num_heads,
+                            end_embed=end_embed, backend=cfg.backend, scores=steps.scores)
+        select = K > 0 and N > 0
+        steps.bind(p.image_slots, seg.scores, seg.prob_dtype)
 
         # -- prefill --------------------------------------------------------------------------------------
-        h_last = self.runner.prefill(embeds, positions, lens, cache, image_slots if K > 0 else None,
-                                     scores if K > 0 else None, last_only=True)[:, 0]
+        h_last = self.runner.prefill(p.embeds, p.positions, p.lens, cache, p.image_slots if select else None,
+                                     seg.scores if select else None, last_only=True, weights=weights,
+                                     prob_dtype=seg.prob_dtype)[:, 0]
+        p.embeds = None  # the prompt's (B,S,h) embeddings are in the cache now
         stats.forward_passes += 1
         t1 = _now(dev)
         stats.prefill_s = t1 - t0
 
-        # -- latent segment (trigger="prompt") ------------------------------------------------------------
-        selected = torch.empty(B, N, K, dtype=torch.long, device=dev)
-        kept = []
+        # -- latent segment (trigger="prompt"): docs/semantics.md ------------------------------------------
+        kept = [] if return_latents else None
         if N > 0:
-            available = image_slots >= 0
-            buf = torch.empty(B, K + 1, embeds.shape[-1], dtype=dtype, device=dev)
-            end_embed = (self.runner.embed(torch.tensor([cfg.end_marker_id], device=dev))[0]
-                         if use_end else None)
-            for t in range(N):
-                idx = ops.select_and_feedback(scores, available, image_embeds, h_last, K, buf, backend=cfg.backend)
-                selected[:, t] = idx
-                chunk = buf
-                if latent_hook is not None:
-                    replaced = latent_hook(t, buf)
-                    chunk = buf if replaced is None else replaced
-                if return_latents:
-                    kept.append(chunk.clone())
-                if t == N - 1 and use_end:
-                    chunk = torch.cat([chunk, end_embed.expand(B, 1, -1)], 1)
-                last_step = t == N - 1  # the last step's scores would choose nothing
-                hidden = steps.step(chunk, next_positions(cache.lens, offset, chunk.shape[1]),
-                                    K > 0 and not last_step, last_only=True)
-                h_last = hidden[:, -1]
+            def forward(chunk, with_scores, _last):
                 stats.forward_passes += 1
+                return steps.step(chunk, next_positions(cache.lens, p.offset, chunk.shape[1]), with_scores, weights,
+                                  last_only=True)
+
+            buf = torch.empty(B, K + 1, w.embed.weight.shape[1], dtype=dtype, device=dev)
+            out, _ = run_latent_steps(seg, h_last, forward, hook=_checked_hook(latent_hook), keep=kept, buf=buf)
+            h_last = out[:, -1]
         t2 = _now(dev)
         stats.latent_s = t2 - t1
 
         # -- decoding -------------------------------------------------------------------------------------
         sampler = Sampler(sampling, dev)
         decode = self._decode_text if prompt_trigger else self._decode_token_trigger
-        seqs = decode(h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real)
+        seqs = decode(h_last, steps, p.offset, max_new_tokens, sampler, eos, pad_id, stats, B_real, weights)
         stats.decode_s = _now(dev) - t2
         latents = torch.stack(kept, 1)[:B_real] if kept else None
         stats.batch_size = B_real  # dummy rows of a graph bucket are not questions
-        return GenerationOutput(sequences=seqs[:B_real], selected=selected[:B_real], latents=latents, stats=stats)
+        selected = seg.selected_tensor()[:B_real]
+        return GenerationOutput(sequences=seqs[:B_real], selected=selected, latents=latents, stats=stats)
 
     def _steps(self, B, max_len, image_slots, dtype, dev):
         """The step executor: eager on a per-call cache, or graphed on the bucket's persistent workspace."""
@@ -260,26 +257,29 @@ class LatentGenerator:
         return _GraphSteps(graphs)
 
     # ------------------------------------------------------------------------------------------------
-    def _decode_text(self, h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real):
+    def _decode_text(self, h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real, weights):
         B, dev = h_last.shape[0], h_last.device
         eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
         finished = torch.arange(B, device=dev) >= B_real  # padding rows of a graph bucket never run
         out = []
-        logits = self.runner.logits(h_last)
+        logits = self.runner.logits(h_last, weights)
         for t in range(max_new_tokens):
             tok = sampler(logits)
             tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
             stats.new_tokens += int((~finished).sum())
             out.append(tok)
-            finished |= torch.isin(tok, eos_t)
+            if t > 0 or not self.config.ignore_first_eos:  # the official IVT-LR loop never checks the first token
+                finished |= torch.isin(tok, eos_t)
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
-            hidden = steps.step(self.runner.embed(tok)[:, None], next_positions(steps.cache.lens, offset, 1), False)
+            hidden = steps.step(self.runner.embed(tok)[:, None], next_positions(steps.cache.lens, offset, 1), False,
+                                weights)
             stats.forward_passes += 1
-            logits = self.runner.logits(hidden[:, -1])
+            logits = self.runner.logits(hidden[:, -1], weights)
         return torch.stack(out, 1)
 
-    def _decode_token_trigger(self, h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real):
+    def _decode_token_trigger(self, h_last, steps, offset, max_new_tokens, sampler, eos, pad_id, stats, B_real,
+                              weights):
         """Mirage: rows switch into hidden-state feedback after ``latent_start_id`` and out at ``latent_end_id``."""
         cfg = self.config
         B, dev = h_last.shape[0], h_last.device
@@ -289,7 +289,7 @@ class LatentGenerator:
         count = torch.zeros(B, dtype=torch.long, device=dev)    # latent steps fed in the current segment
         full = lambda v: torch.full((B,), v, dtype=torch.long, device=dev)  # noqa: E731
         out = []
-        logits = self.runner.logits(h_last)
+        logits = self.runner.logits(h_last, weights)
         for t in range(max_new_tokens):
             tok = sampler(logits)
             live_latent = latent & ~finished
@@ -306,10 +306,10 @@ class LatentGenerator:
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
             x = torch.where(feed_hidden[:, None], h_last, self.runner.embed(tok))
-            hidden = steps.step(x[:, None], next_positions(steps.cache.lens, offset, 1), False)
+            hidden = steps.step(x[:, None], next_positions(steps.cache.lens, offset, 1), False, weights)
             stats.forward_passes += 1
             h_last = hidden[:, -1]
-            logits = self.runner.logits(h_last)
+            logits = self.runner.logits(h_last, weights)
         return torch.stack(out, 1)
 
     # ------------------------------------------------------------------------------------------------
@@ -327,12 +327,13 @@ class _EagerSteps:
     def __init__(self, runner, cache):
         self.runner, self.cache = runner, cache
 
-    def bind(self, image_slots, scores):
-        self._slots, self._scores = image_slots, scores
+    def bind(self, image_slots, scores, prob_dtype):
+        self._slots, self._scores, self._prob_dtype = image_slots, scores, prob_dtype
 
-    def step(self, chunk, positions, with_scores, last_only=False):
+    def step(self, chunk, positions, with_scores, weights, last_only=False):
         return self.runner.step(chunk, positions, self.cache, self._slots if with_scores else None,
-                                self._scores if with_scores else None, last_only=last_only)
+                                self._scores if with_scores else None, last_only=last_only, weights=weights,
+                                prob_dtype=self._prob_dtype)
 
 
 class _GraphSteps:
@@ -342,11 +343,31 @@ class _GraphSteps:
         self.graphs = graphs
         self.cache, self.image_slots, self.scores = graphs.ws.cache, graphs.ws.image_slots, graphs.ws.scores
 
-    def bind(self, image_slots, scores):
-        pass  # the workspace's own buffers are what the graphs read
+    def bind(self, image_slots, scores, prob_dtype):
+        self._prob_dtype = prob_dtype  # the workspace's own buffers are what the graphs read
 
-    def step(self, chunk, positions, with_scores, last_only=False):
-        return self.graphs.step(chunk, positions, with_scores, last_only)
+    def step(self, chunk, positions, with_scores, weights, last_only=False):
+        return self.graphs.step(chunk, positions, with_scores, last_only, weights, self._prob_dtype)
+
+
+def _checked_hook(hook):
+    """``hook`` with its result checked: a replacement block must have the block's shape, dtype and device."""
+    if hook is None:
+        return None
+
+    def checked(t, block):
+        out = hook(t, block)
+        if out is not None:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"latent_hook returned {type(out).__name__} at latent step {t}; expected None or a "
+                                f"tensor like the block {tuple(block.shape)}")
+            if out.shape != block.shape or out.dtype != block.dtype or out.device != block.device:
+                raise ValueError(f"latent_hook returned a block of shape {tuple(out.shape)}, {out.dtype} on "
+                                 f"{out.device} at latent step {t}; the block is {tuple(block.shape)}, "
+                                 f"{block.dtype} on {block.device}")
+        return out
+
+    return checked
 
 
 def _pad_rows(input_ids, attention_mask, mm_token_type_ids, extra, pad_id):

@@ -57,7 +57,7 @@ class HFModuleRunner(DecoderRunner):
             for c, s in zip(self._configs, saved):
                 c._attn_implementation_internal = s
 
-    def final_norm(self, x):
+    def final_norm(self, x, ctx):
         return self.w.norm(x)
 
     def rotary(self, positions, dtype):

@@ -21,6 +21,7 @@ class PromptBatch:
     image_slots: torch.Tensor    # (B, I) int32 compact slot of each image token, -1 = pad
     image_counts: list[int]      # image tokens per row
     images_per_row: list[int]    # images per row
+    mask: torch.Tensor           # (B, S_in) int64 attended tokens of the caller's layout (after placeholders)
 
 
 def _require_tensor(name, x, ndim=None, dtypes=None):
@@ -30,6 +31,29 @@ def _require_tensor(name, x, ndim=None, dtypes=None):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def consume_placeholders(input_ids: torch.Tensor, attention_mask, placeholder_id: int, num_latent_steps: int):
+    """The official IVT-LR layout: a prompt that ends with ``num_latent_steps`` ``<|latent|>`` placeholders is the
+    same request as the prompt without them (docs/semantics.md). Returns the attention mask (B, S) with each
+    row's trailing placeholders masked out; a row that ends with some other number of them is a ValueError.
+    input_ids (B, S); attention_mask (B, S) or None (all attended)."""
+    _require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
+    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).clone()
+    _require_tensor("attention_mask", mask, 2)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    for b in range(input_ids.shape[0]):
+        valid = torch.nonzero(mask[b].bool()).flatten()
+        n = 0
+        while n < valid.numel() and int(input_ids[b, valid[valid.numel() - 1 - n]]) == placeholder_id:
+            n += 1
+        if n and n != num_latent_steps:
+            raise ValueError(f"row {b} of input_ids ends with {n} latent placeholder tokens (id {placeholder_id}) "
+                             f"but num_latent_steps={num_latent_steps}; they must be equal")
+        if n:
+            mask[b, valid[valid.numel() - n:]] = 0
+    return mask
 
 
 def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -130,4 +154,4 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
         idx = torch.nonzero(compact_img[b]).flatten()
         image_slots[b, : idx.numel()] = idx.to(torch.int32)
     return PromptBatch(ids=ids, lens=lens.long(), order=order, image_slots=image_slots, image_counts=counts,
-                       images_per_row=images_per_row)
+                       images_per_row=images_per_row, mask=mask.long())

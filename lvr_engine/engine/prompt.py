@@ -24,8 +24,7 @@ class PreparedPrompt:
     image_embeds: torch.Tensor        # (B, I, h) the row's image embeddings in prompt order (zeros at pads)
 
 
-def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, attention_mask, pixel_values,
-                   image_grid_thw, mm_token_type_ids, position_mode: str, start_marker_id: int | None,
+def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, pixel_values, image_grid_thw, mm_token_type_ids, position_mode: str, start_marker_id: int | None,
                    device, dtype) -> PreparedPrompt:
     """Embeddings of the compact prompts with the vision tower's output scattered into the image slots,
     their positions ("mrope": the model's own; "arange": slot index) and, if given, the start marker
@@ -46,7 +45,7 @@ def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, 
         embeds.index_put_((rows, image_slots[rows, cols].long()), image_embeds[rows, cols])
     else:
         image_embeds = embeds.new_zeros(B, image_slots.shape[1], hdim)
-    positions, offset = _prompt_positions(adapter, position_mode, input_ids, attention_mask, mm_token_type_ids,
+    positions, offset = _prompt_positions(adapter, position_mode, input_ids, batch.mask, mm_token_type_ids,
                                           image_grid_thw, order, lens)
     if start_marker_id is not None:
         ar = torch.arange(B, device=device)
@@ -85,7 +84,7 @@ def _prompt_positions(adapter, position_mode, input_ids, attention_mask, mm_toke
     if position_mode == "arange" or not adapter.is_multimodal:
         return slot[None].expand(3, -1, -1).clone(), torch.zeros(B, dtype=torch.long, device=dev)
     ids = input_ids.to(dev)
-    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(dev)
+    mask = attention_mask.to(dev)
     if mm_token_type_ids is None:
         mm_token_type_ids = (ids == adapter.image_token_id).int()
     pos = adapter.prompt_positions(ids, mask, mm_token_type_ids.to(dev),

@@ -14,7 +14,7 @@ layers and heads of DESIGN §2 is not divided out.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,10 @@ from .. import ops
 from ..models.base import DecoderWeights
 from .kv_cache import StaticKVCache
 from .weights import PackedWeight, compute_weights
+
+
+# ``weights=`` default of the forwards: resolve the compute weights for this forward (callers outside generate).
+_RESOLVE = object()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,37 +54,27 @@ class DecoderRunner:
         self.scale = weights.head_dim ** -0.5
         self.compute_dtype = compute_dtype or weights.embed.weight.dtype
         self.gradient_checkpointing = False  # training: recompute each layer in backward
-        self._mats = None  # ComputeWeights of the current no-grad forward (None: call the HF modules)
         self._cpu_kernels = "cpu" in ops.available_backends()["cpu"]
-        self._cpu_fp32 = False  # set per forward in _layers
-        self._pinned = None  # (ComputeWeights | None,) inside weights_pinned()
 
-    def _compute_weights(self):
-        """Cached compute-ready weights for inference; None under autograd (train through the modules)."""
+    def forward_weights(self):
+        """Compute-ready weights for inference forwards (fused QKV / gate-up, packed panels; cached and
+        re-validated against the model's parameters, ~0.5 ms on a small model), or None under autograd (training
+        runs through the modules). ``generate`` calls it once per call and passes the result to every forward
+        (``weights=``): a runner holds weights and configuration only, no per-call state."""
         if torch.is_grad_enabled():
             if self.compute_dtype != self.w.embed.weight.dtype:
                 raise RuntimeError("training runs in the model's dtype: build the runner without compute_dtype")
             return None
-        if self._pinned is not None:
-            return self._pinned[0]
         cw = compute_weights(self.w, self.compute_dtype)
         if cw is None and self.compute_dtype != self.w.embed.weight.dtype:
             raise RuntimeError("wrapped projections (e.g. LoRA) run in the model's dtype only")
         return cw
 
-    @contextlib.contextmanager
-    def weights_pinned(self):
-        """Validate the compute weights once for the forwards inside (one generate call) instead of on each
-        forward: the check walks every parameter (~0.5 ms, a tenth of a decode step on a small model). The
-        model's weights must not change inside; a change is picked up by the next pinned block."""
-        if self._pinned is not None or torch.is_grad_enabled():  # nested, or training: nothing to pin
-            yield
-            return
-        self._pinned = (self._compute_weights(),)
-        try:
-            yield
-        finally:
-            self._pinned = None
+    def _weights(self, weights):
+        """``weights`` as passed to a forward: the caller's resolved compute weights, or resolve them now."""
+        if weights is _RESOLVE or torch.is_grad_enabled():
+            return self.forward_weights()
+        return weights
 
     # -- rotary ---------------------------------------------------------------------------------
     def rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +92,8 @@ class DecoderRunner:
         return cos[:, :, None, :], sin[:, :, None, :]
 
     # -- forwards -------------------------------------------------------------------------------
-    def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None, last_only=False):
+    def prefill(self, embeds, positions, lens, cache, image_slots=None, scores=None, last_only=False,
+                weights=_RESOLVE, prob_dtype=None):
         """embeds (B,S,h) left-aligned prompts, row b valid on [0, lens[b]); returns hidden (B,S,h), or with
         ``last_only`` (B,1,h) of each row's last prompt token (slot lens[b]-1).
 
@@ -107,7 +102,11 @@ class DecoderRunner:
         the prefill's matmuls saved, and no (B,S,h) output).
         Inference on CPU runs the prompts in groups of rows of at most PREFILL_CHUNK_TOKENS tokens (rows are
         independent in a prefill): a large batch's activations stay those of one group. A GPU keeps one
-        pass (its matmuls want the whole batch)."""
+        pass (its matmuls want the whole batch).
+
+        ``weights``: this call's ``forward_weights()`` (resolved now if not given); ``prob_dtype``: round each
+        attention probability to this dtype before it is added into ``scores`` (``score_precision="model"``)."""
+        weights = self._weights(weights)
         B, S = embeds.shape[:2]
         budget = PREFILL_CHUNK_TOKENS if embeds.device.type == "cpu" else B * S
         rows = max(1, budget // max(S, 1))
@@ -117,7 +116,7 @@ class DecoderRunner:
                 r1 = min(B, r0 + rows)
                 out[r0:r1] = self.prefill(embeds[r0:r1], positions[:, r0:r1], lens[r0:r1], cache.rows(r0, r1),
                                           None if image_slots is None else image_slots[r0:r1],
-                                          None if scores is None else scores[r0:r1], last_only)
+                                          None if scores is None else scores[r0:r1], last_only, weights, prob_dtype)
             cache.filled = S
             return out
         # Causal attention needs no padding mask here: prompts are left-aligned, so a valid query (slot < lens)
@@ -125,18 +124,20 @@ class DecoderRunner:
         # cache only below lens.
         want = scores is not None and image_slots is not None and image_slots.shape[1] > 0
         ctx = _StepContext("prefill", lens, lens, image_slots if want else None, scores if want else None,
-                           mask=None, slots=None, last_only=last_only)
+                           mask=None, slots=None, mats=weights, last_only=last_only, prob_dtype=prob_dtype)
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.copy_(lens)  # in place: captured CUDA graphs hold this tensor
         cache.filled = S
         if last_only and not ctx.trimmed:  # every token went through the last layer: keep the last one
             x = _last_rows(x, ctx)
-        return self.final_norm(x)
+        return self.final_norm(x, ctx)
 
-    def step(self, embeds, positions, cache, image_slots=None, scores=None, last_only=False):
+    def step(self, embeds, positions, cache, image_slots=None, scores=None, last_only=False, weights=_RESOLVE,
+             prob_dtype=None):
         """embeds (B,C,h) appended to every row at slots [lens[b], lens[b]+C); returns hidden (B,C,h), or with
         ``last_only`` (B,1,h) of the chunk's last token (a latent step only feeds that one back; the last layer
-        then runs attention output, o-projection and MLP for it alone)."""
+        then runs attention output, o-projection and MLP for it alone). ``weights``/``prob_dtype`` as in prefill."""
+        weights = self._weights(weights)
         B, C, _ = embeds.shape
         if cache.filled + C > cache.max_len:  # host-side count: no device sync inside a step
             raise RuntimeError(f"KV cache overflow: need {cache.filled + C} slots, have {cache.max_len}")
@@ -149,29 +150,29 @@ class DecoderRunner:
             ar = torch.arange(cache.filled + C, device=embeds.device)
             mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,filled+C)
         ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None, scores if want else None,
-                           mask=mask, slots=slots, last_only=last_only and C > 1)
+                           mask=mask, slots=slots, mats=weights, last_only=last_only and C > 1,
+                           prob_dtype=prob_dtype)
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.add_(C)  # in place: a captured CUDA graph keeps reading the same tensor
         cache.filled += C
         if ctx.last_only and not ctx.trimmed:  # every token went through the last layer: keep the last one
             x = _last_rows(x, ctx)
-        return self.final_norm(x)
+        return self.final_norm(x, ctx)
 
-    def _norm(self, x, weight):
+    def _norm(self, x, weight, ctx):
         """RMSNorm: one compiled op on the CPU fp32 inference path (six torch ops otherwise)."""
-        if self._cpu_fp32:
+        if ctx.cpu_fp32:
             return ops.rms_norm(x, weight, self.w.rms_eps, backend="cpu")
         return rms_norm(x, weight, self.w.rms_eps)
 
-    def final_norm(self, x):
-        return self._norm(x, self._mats.norm if self._mats is not None else self.w.norm.weight)
+    def final_norm(self, x, ctx):
+        return self._norm(x, ctx.mats.norm if ctx.mats is not None else self.w.norm.weight, ctx)
 
     def _layers(self, x, positions, cache, ctx):
-        self._mats = self._compute_weights()
         # The compiled CPU glue (rms_norm; rope_write_kv for a chunk on a StaticKVCache): fp32 inference on CPU.
-        self._cpu_fp32 = (self._mats is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                          and self._cpu_kernels and self.backend in (None, "cpu"))
-        ctx.fused_glue = (self._cpu_fp32 and ctx.mode == "chunk" and ctx.mask is None
+        ctx.cpu_fp32 = (ctx.mats is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                        and self._cpu_kernels and self.backend in (None, "cpu"))
+        ctx.fused_glue = (ctx.cpu_fp32 and ctx.mode == "chunk" and ctx.mask is None
                           and isinstance(cache, StaticKVCache) and cache.k.dtype == torch.float32)
         cos, sin = self.rotary(positions, x.dtype)
         n = len(self.w.layers)
@@ -180,7 +181,7 @@ class DecoderRunner:
                 x = self._checkpointed_layer(i, x, cos, sin, cache, ctx)
             else:
                 # last layer of a last_only inference forward: the rest of the layer for each row's last token
-                last = i == n - 1 and ctx.last_only and self._mats is not None  # (_mats: no autograd)
+                last = i == n - 1 and ctx.last_only and ctx.mats is not None  # (mats: no autograd)
                 x = self._layer(i, x, cos, sin, cache, ctx, last)
                 ctx.trimmed = ctx.trimmed or last
         return x
@@ -212,14 +213,14 @@ class DecoderRunner:
         only, x (B,C,h) -> (B,1,h) (the last layer when a forward's caller feeds back one hidden state)."""
         a = self._attention_block(i, x, cos, sin, cache, ctx, last_token)
         x = (_last_rows(x, ctx) if last_token else x) + a
-        return x + self._mlp_block(i, x)
+        return x + self._mlp_block(i, x, ctx)
 
     def _attention_block(self, i, x, cos, sin, cache, ctx, last_token=False):
         lw = self.w.layers[i]
-        m = self._mats.layers[i] if self._mats is not None else None
+        m = ctx.mats.layers[i] if ctx.mats is not None else None
         B, C, _ = x.shape
         H, Hkv, D = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        h = self._norm(x, m.in_norm if m else lw.input_norm.weight)
+        h = self._norm(x, m.in_norm if m else lw.input_norm.weight, ctx)
         if m is not None and ctx.fused_glue:  # one op for rope + cache write, then the fused attention
             kc, vc = cache.layer(i)
             q = ops.rope_write_kv(self._linear(h, m.qkv, m.qkv_b), cos, sin, kc, vc, ctx.slots, H, Hkv,
@@ -241,10 +242,10 @@ class DecoderRunner:
         o = self.attend(i, q, k, v.view(B, C, Hkv, D), cache, ctx, last_token).reshape(B, -1, H * D)
         return self._linear(o, m.o, m.o_b) if m is not None else lw.attn.o_proj(o)
 
-    def _mlp_block(self, i, x):
+    def _mlp_block(self, i, x, ctx):
         lw = self.w.layers[i]
-        m = self._mats.layers[i] if self._mats is not None else None
-        h = self._norm(x, m.post_norm if m else lw.post_norm.weight)
+        m = ctx.mats.layers[i] if ctx.mats is not None else None
+        h = self._norm(x, m.post_norm if m else lw.post_norm.weight, ctx)
         if m is not None:
             return _mlp_in_chunks(h, m, self._linear)
         return lw.mlp.down_proj(F.silu(lw.mlp.gate_proj(h)) * lw.mlp.up_proj(h))
@@ -300,8 +301,9 @@ class DecoderRunner:
         return ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
                                                backend=self.backend)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        cw = self._compute_weights()  # inside generate: the pinned weights, no re-validation
+    def logits(self, hidden: torch.Tensor, weights=_RESOLVE) -> torch.Tensor:
+        """(..., h) final-norm hidden states -> (..., V) logits. ``weights`` as in prefill."""
+        cw = self._weights(weights)
         if cw is None:
             return self.w.lm_head(hidden)
         return self._linear(hidden, cw.lm_head, cw.lm_head_b)
@@ -360,10 +362,12 @@ class _StepContext:
     scores: torch.Tensor | None    # (B,I) float32 accumulator, or None when no selection follows
     mask: torch.Tensor | None      # bool attention mask for SDPA (a chunk under autograd; prefill is causal)
     slots: torch.Tensor | None     # (B,C) cache slots of the chunk
-    fused_glue: bool = False       # rope + cache write through ops.rope_write_kv (set by _layers)
+    mats: object = None            # ComputeWeights of this forward (inference), None: the HF modules (autograd)
     last_only: bool = False        # only each row's last token leaves the last layer (the caller feeds it back)
+    prob_dtype: torch.dtype | None = None  # round attention probabilities to it before scoring (or None)
+    cpu_fp32: bool = False         # compiled CPU glue ops (rms_norm) on this forward (set by _layers)
+    fused_glue: bool = False       # rope + cache write through ops.rope_write_kv (set by _layers)
     trimmed: bool = False          # set by _layers when the last layer ran for that token only
 
     def without_scores(self) -> "_StepContext":
-        return _StepContext(self.mode, self.lens, self.new_lens, None, None, self.mask, self.slots, self.fused_glue,
-                            self.last_only)
+        return dataclasses.replace(self, image_slots=None, scores=None, trimmed=False)

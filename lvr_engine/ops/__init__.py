@@ -16,6 +16,7 @@ from ._dispatch import available_backends, resolve_backend, get_impl
 __all__ = [
     "image_attention_scores",
     "select_and_feedback",
+    "select_patches",
     "chunk_attention_with_scores",
     "mixed_linear",
     "pack_mixed_weight",
@@ -32,9 +33,18 @@ def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None,
     return get_impl("image_attention_scores", backend, q)(q, k, seq_lens, image_slots, scores, scale, lse)
 
 
-def select_and_feedback(scores, available, image_embeds, hidden, k, out, backend=None):
-    """idx (B,k) ascending top-k among available; marks them used, fills out (B,k+1,D), zeroes scores."""
-    return get_impl("select_and_feedback", backend, scores)(scores, available, image_embeds, hidden, k, out)
+def select_and_feedback(scores, available, image_embeds, hidden, k, out, patch_order="ascending", backend=None):
+    """idx (B,k) top-k among available in ``patch_order``; marks them used, fills out (B,k+1,D), zeroes scores."""
+    impl = get_impl("select_and_feedback", backend, scores)
+    if patch_order == "ascending":
+        return impl(scores, available, image_embeds, hidden, k, out)
+    return impl(scores, available, image_embeds, hidden, k, out, patch_order)
+
+
+def select_patches(scores, available, k, patch_order="ascending"):
+    """Selection only (training under autograd builds the block itself): idx (B,k) int64 in ``patch_order``,
+    marks them used, zeroes scores. One tiny top-k over (B,I): the torch implementation on every device."""
+    return reference.select_patches(scores, available, k, patch_order)
 
 
 def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale, backend=None):

@@ -52,23 +52,45 @@ def topk_ascending(scores, available, k):
     return torch.sort(order, dim=-1).values
 
 
-def select_and_feedback(scores, available, image_embeds, hidden, k, out):
+def order_official(scores, idx):
+    """Reorder chosen indices idx (B,k), ascending, as CUDA ``topk(sorted=False)`` returns them (the official IVT-LR
+    feed order): those scoring strictly above the k-th best first, then those tied with it, each ascending."""
+    if idx.shape[1] == 0:
+        return idx
+    chosen = torch.gather(_acc(scores), 1, idx)
+    tied = chosen == chosen.min(dim=1, keepdim=True).values
+    return torch.gather(idx, 1, torch.sort(tied.to(torch.int8), dim=1, stable=True).indices)
+
+
+def select_patches(scores, available, k, patch_order="ascending"):
+    """The selection half of :func:`select_and_feedback` (what training uses under autograd, where the block is a
+    differentiable gather): idx (B,k) int64 in ``patch_order``; available[b, idx] = False; scores reset to 0."""
+    if patch_order not in ("ascending", "official"):
+        raise ValueError(f"patch_order must be 'ascending' or 'official', got {patch_order!r}")
+    if k > 0:
+        idx = topk_ascending(scores, available, k)
+        if patch_order == "official":
+            idx = order_official(scores, idx)
+        available.scatter_(1, idx, False)
+    else:
+        idx = torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+    scores.zero_()
+    return idx
+
+
+def select_and_feedback(scores, available, image_embeds, hidden, k, out, patch_order="ascending"):
     """Choose the next latent step's patches and build its input block.
 
     scores (B,I) float32; available (B,I) bool; image_embeds (B,I,D); hidden (B,D); out (B,k+1,D).
-    Returns idx (B,k) int64, the ascending top-k of scores among available slots (lower index wins
-    ties). Side effects: available[b, idx] = False; out[:, :k] = image_embeds at idx; out[:, k] = hidden;
-    scores reset to 0.
+    Returns idx (B,k) int64: the top-k of scores among available slots (lower index wins ties at the k-th
+    score), in ``patch_order``: "ascending" index order, or "official" (:func:`order_official`).
+    Side effects: available[b, idx] = False; out[:, :k] = image_embeds at idx (in idx's order);
+    out[:, k] = hidden; scores reset to 0.
     """
-    B = scores.shape[0]
+    idx = select_patches(scores, available, k, patch_order)
     if k > 0:
-        idx = topk_ascending(scores, available, k)
-        available.scatter_(1, idx, False)
         out[:, :k] = torch.gather(image_embeds, 1, idx[..., None].expand(-1, -1, image_embeds.shape[-1]))
-    else:
-        idx = torch.empty(B, 0, dtype=torch.long, device=scores.device)
     out[:, k] = hidden
-    scores.zero_()
     return idx
 
 

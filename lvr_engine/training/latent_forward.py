@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import ops
 from ..engine.inputs import validate_and_layout
 from ..engine.kv_cache import FunctionalKVCache
+from ..engine.latent_step import begin_segment, run_latent_steps
 from ..engine.prompt import next_positions, prepare_prompt
 from ..engine.runner import DecoderRunner
 from ..models.base import ModelAdapter
@@ -38,12 +38,14 @@ def latent_forward(runner: DecoderRunner, adapter: ModelAdapter, *, input_ids, a
                    pixel_values=None, image_grid_thw=None, mm_token_type_ids=None, target_ids, target_mask=None,
                    num_latent_steps: int, num_selected_patches: int, start_marker_id=None, end_marker_id=None,
                    position_mode: str = "mrope", detach_latents: bool = False,
-                   supervise_markers: bool = False) -> LatentForwardOutput:
+                   supervise_markers: bool = False, patch_order: str = "ascending",
+                   score_precision: str = "fp32") -> LatentForwardOutput:
     """Loss and latents of a batch at stage ``num_latent_steps`` (shapes: input_ids (B,S) prompt with either
     padding side; target_ids/target_mask (B,T) right-padded target text incl. EOS).
 
     ``detach_latents=True`` feeds back h_t without gradient (the official IVT-LR behaviour); by default the
-    gradient flows through every fed-back hidden state as in Coconut.
+    gradient flows through every fed-back hidden state as in Coconut. The latent steps are the engine's
+    (engine/latent_step.py), run with autograd; ``patch_order``/``score_precision`` as in LatentConfig.
     """
     s, K = num_latent_steps, (num_selected_patches if num_latent_steps > 0 else 0)
     cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -57,16 +59,18 @@ def latent_forward(runner: DecoderRunner, adapter: ModelAdapter, *, input_ids, a
     B, T = target_ids.shape
     use_start = s > 0 and start_marker_id is not None
     use_end = s > 0 and end_marker_id is not None
-    p = prepare_prompt(adapter, runner.embed, batch, input_ids, attention_mask, pixel_values, image_grid_thw,
-                       mm_token_type_ids, position_mode, start_marker_id if use_start else None, dev, dtype)
+    p = prepare_prompt(adapter, runner.embed, batch, input_ids, pixel_values, image_grid_thw, mm_token_type_ids,
+                       position_mode, start_marker_id if use_start else None, dev, dtype)
     w = runner.w
     S = p.embeds.shape[1]
     cache = FunctionalKVCache(len(w.layers), B, w.num_kv_heads, S + s * (K + 1) + 1 + T, w.head_dim, dtype, dev)
     rows = torch.arange(B, device=dev)
-
-    scores = torch.zeros(p.image_slots.shape, dtype=torch.float32, device=dev)
-    hidden = runner.prefill(p.embeds, p.positions, p.lens, cache, p.image_slots if K > 0 else None,
-                            scores if K > 0 else None)
+    end_embed = runner.embed(torch.tensor([end_marker_id], device=dev))[0] if use_end else None
+    seg = begin_segment(p, s, K, patch_order=patch_order, score_precision=score_precision, model_dtype=dtype,
+                        num_score_terms=len(w.layers) * w.num_heads, end_embed=end_embed, backend=runner.backend)
+    select = K > 0 and s > 0
+    hidden = runner.prefill(p.embeds, p.positions, p.lens, cache, p.image_slots if select else None,
+                            seg.scores if select else None, prob_dtype=seg.prob_dtype)
     h_last = hidden[rows, p.lens - 1]
     extra_logits, extra_labels = [], []
     if supervise_markers and use_start:  # the prompt's last real token predicts the start marker
@@ -74,32 +78,20 @@ def latent_forward(runner: DecoderRunner, adapter: ModelAdapter, *, input_ids, a
         extra_labels.append(torch.full((B,), start_marker_id, device=dev))
 
     target_embeds = runner.embed(target_ids)
-    latent_hidden, selected = [], []
+    latent_hidden = []
     if s == 0:
         first_logits = runner.logits(h_last)[:, None]                      # predicts target[0]
         out = runner.step(target_embeds[:, :-1], next_positions(cache.lens, p.offset, T - 1), cache) if T > 1 else None
         logits = first_logits if out is None else torch.cat([first_logits, runner.logits(out)], 1)
     else:
-        available = p.image_slots >= 0
-        scratch = torch.empty(B, K + 1, hidden.shape[-1], dtype=dtype, device=dev)
-        end = runner.embed(torch.tensor([end_marker_id], device=dev))[0].expand(B, 1, -1) if use_end else None
-        for t in range(s):
-            fed = h_last.detach() if detach_latents else h_last
-            latent_hidden.append(fed)
-            # The op picks the patches (and updates availability / resets scores); the chunk is then built with
-            # a differentiable gather so gradients reach the image embeddings and the fed-back hidden state.
-            idx = ops.select_and_feedback(scores, available, p.image_embeds.detach(), fed.detach(), K, scratch,
-                                          backend=runner.backend)
-            selected.append(idx)
-            z = torch.gather(p.image_embeds, 1, idx[..., None].expand(-1, -1, p.image_embeds.shape[-1]))
-            chunk = torch.cat([z, fed[:, None]], 1)
-            last = t == s - 1
-            if last:
-                chunk = torch.cat([chunk] + ([end] if use_end else []) + [target_embeds[:, :-1]], 1)
-            want = K > 0 and not last
-            out = runner.step(chunk, next_positions(cache.lens, p.offset, chunk.shape[1]), cache,
-                              p.image_slots if want else None, scores if want else None)
-            h_last = out[:, K]
+        def forward(chunk, with_scores, _last):
+            return runner.step(chunk, next_positions(cache.lens, p.offset, chunk.shape[1]), cache,
+                               p.image_slots if with_scores else None, seg.scores if with_scores else None,
+                               prob_dtype=seg.prob_dtype)
+
+        # the last step's pass also runs the end marker and the target text (teacher forcing, one pass)
+        out, latent_hidden = run_latent_steps(seg, h_last, forward, tail=target_embeds[:, :-1],
+                                              detach_latents=detach_latents)
         first = K + (1 if use_end else 0)  # chunk position whose output predicts target[0]
         logits = runner.logits(out[:, first:first + T])
         if supervise_markers and use_end:  # the last latent position predicts the end marker
@@ -116,7 +108,7 @@ def latent_forward(runner: DecoderRunner, adapter: ModelAdapter, *, input_ids, a
     return LatentForwardOutput(
         loss=ce_sum / max(n, 1), ce_sum=ce_sum, num_tokens=n,
         latent_hidden=torch.stack(latent_hidden, 1) if latent_hidden else hidden.new_zeros(B, 0, h),
-        selected=torch.stack(selected, 1) if selected else torch.empty(B, 0, K, dtype=torch.long, device=dev),
+        selected=seg.selected_tensor(),
         target_logits=logits,
     )
 
