@@ -20,8 +20,8 @@ def _module(backend: str):
     if backend == "torch":
         return reference
     try:
-        if backend == "cpu":
-            return importlib.import_module("lvr_engine.ops.cpu")
+        if backend == "cpu":  # the compiled C++ kernels (ops/compiled.py also wraps the CUDA ones)
+            return importlib.import_module("lvr_engine.ops.compiled")
         if backend in ("cuda", "triton"):
             mod = importlib.import_module(f"lvr_engine.ops.{backend}")
             return mod if mod.is_available() else None

@@ -1,4 +1,7 @@
-"""Compiled C++ backend: thin wrappers over ``torch.ops.lvr_engine.*`` (csrc/ops.cpp).
+"""Compiled ops: thin wrappers over ``torch.ops.lvr_engine.*`` (csrc/), for the C++ CPU kernels and the CUDA
+kernels alike; the dispatcher picks the kernel from the tensors' device. The backend names are ``"cpu"`` (this
+module as the dispatch loads it) and ``"cuda"`` (:mod:`lvr_engine.ops.cuda`, these wrappers when CUDA kernels
+are built).
 
 Importing this module raises ImportError when ``lvr_engine._C`` has not been built, which the
 dispatch reads as "backend unavailable". The fake (meta) kernels registered here give the ops

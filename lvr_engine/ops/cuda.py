@@ -1,6 +1,6 @@
 """Compiled CUDA backend: the ``torch.ops.lvr_engine`` ops with their CUDA kernels (csrc/ops_cuda.cu).
 
-Shares the schema, fake kernels and wrappers with :mod:`lvr_engine.ops.cpu`; the dispatcher picks
+Shares the schema, fake kernels and wrappers with :mod:`lvr_engine.ops.compiled`; the dispatcher picks
 the kernel from the tensors' device. Available only when a GPU is present and ``lvr_engine._C``
 was built with the CUDA sources (a CUDA torch and nvcc at build time).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu import chunk_attention_with_scores, image_attention_scores, select_and_feedback
+from .compiled import chunk_attention_with_scores, image_attention_scores, select_and_feedback
 
 __all__ = ["is_available", "image_attention_scores", "select_and_feedback", "chunk_attention_with_scores"]
 
