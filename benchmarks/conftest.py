@@ -35,7 +35,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 RESULTS_PATH = os.path.join(HERE, ".benchmarks", "last_engine_results.json")
 
-# The workload (DESIGN.md IVT-LR defaults): N latent steps of K patches, then ANSWER_TOKENS answer tokens.
+# The workload (IVT-LR defaults, docs/semantics.md): N latent steps of K patches, then ANSWER_TOKENS answer tokens.
 N_LATENT, K_PATCHES, ANSWER_TOKENS = 3, 32, 8
 COT_RATIONALE = 128                  # explicit chain of thought: 128 rationale tokens + the 8 answer tokens
 TEXT_BEFORE, TEXT_AFTER = 30, 32

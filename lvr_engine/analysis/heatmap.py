@@ -1,6 +1,6 @@
 """Selection heat maps: which image patches each latent step fed back (IVT-LR's latent vision).
 
-Geometry (Qwen2-VL, DESIGN.md §2): the processor resizes an image to ``(w * 14, h * 14)`` pixels for
+Geometry (Qwen2-VL, docs/semantics.md): the processor resizes an image to ``(w * 14, h * 14)`` pixels for
 ``image_grid_thw = (1, h, w)`` (in 14-px patches); the image tokens are the ``merge x merge`` merged
 patches in raster order, so token ``i`` covers the box ``(col * 28, row * 28, col * 28 + 28, row * 28 + 28)``
 with ``row = i // (w / merge)``, ``col = i % (w / merge)`` (for ``patch_size=14, merge_size=2``).

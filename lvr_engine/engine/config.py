@@ -1,4 +1,4 @@
-"""LatentConfig: what a latent segment is (DESIGN.md §2-3), validated eagerly."""
+"""LatentConfig: what a latent segment is (docs/semantics.md), validated eagerly."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""LatentGenerator: KV-cached, batched latent decoding with the pinned semantics of DESIGN.md §2."""
+"""LatentGenerator: KV-cached, batched latent decoding with the semantics of docs/semantics.md."""
 from __future__ import annotations
 
 import os

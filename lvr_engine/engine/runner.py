@@ -10,7 +10,7 @@ Three kinds of forward, all returning final-norm hidden states:
 - ``logits``: the LM head.
 
 Image scores are summed over layers and heads; selection only needs their order, so the mean over
-layers and heads of DESIGN §2 is not divided out.
+layers and heads (docs/semantics.md) is not divided out.
 """
 from __future__ import annotations
 

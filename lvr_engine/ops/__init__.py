@@ -1,4 +1,4 @@
-"""Fused ops of the latent step, one dispatch over backends (DESIGN.md §3), and the CPU hot-path ops the lean
+"""Fused ops of the latent step, one dispatch over backends (docs/semantics.md), and the CPU hot-path ops the lean
 runner uses on a CPU (mixed_linear: fp32 x packed bf16 weights; rope_write_kv; rms_norm; torch references for
 other devices).
 

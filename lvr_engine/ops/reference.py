@@ -1,4 +1,4 @@
-"""Plain-torch reference implementations of the fused ops (DESIGN.md §3).
+"""Plain-torch reference implementations of the fused ops (docs/semantics.md).
 
 These define the semantics every other backend is tested against. They are written for
 clarity, not speed, and work for any floating dtype (float64 included, which the kernel

@@ -52,5 +52,7 @@ def stage_lvr_config(cfg: TrainConfig, stage: StagePlan, markers: dict[str, int 
                       end_marker_id=markers.get("end") if N else None)
         eval_mode = "latent" if N else "cot"
     latent["position_mode"] = cfg.position_mode
+    if latent["num_selected_patches"]:
+        latent.update(patch_order=cfg.patch_order, score_precision=cfg.score_precision)
     return {"latent_config": latent, "objective": cfg.objective, "eval_mode": eval_mode, "stage": stage.index,
             "replaced_steps": stage.replaced_steps, "template": cfg.template, "image_size": cfg.image_size}

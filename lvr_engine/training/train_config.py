@@ -53,6 +53,8 @@ class TrainConfig:
     reset_optimizer_per_stage: bool = True
     detach_latents: bool = False
     position_mode: str = "mrope"
+    patch_order: str = "ascending"
+    score_precision: str = "fp32"
     use_markers: bool = True
     template: str = "ivtlr"
     image_size: int | None = None
@@ -86,6 +88,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
         if self.position_mode not in ("mrope", "arange"):
             raise ValueError(f"TrainConfig.position_mode must be 'mrope' or 'arange', got {self.position_mode!r}")
+        if self.patch_order not in ("ascending", "official"):
+            raise ValueError(f"TrainConfig.patch_order must be 'ascending' or 'official', got {self.patch_order!r}")
+        if self.score_precision not in ("fp32", "model"):
+            raise ValueError(f"TrainConfig.score_precision must be 'fp32' or 'model', got {self.score_precision!r}")
         if self.objective == "mirage_stage1" and self.num_latent_steps < 1:
             raise ValueError("objective='mirage_stage1' needs num_latent_steps >= 1 (latents to supervise)")
         if self.lr <= 0:
