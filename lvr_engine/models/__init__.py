@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .base import DecoderWeights, LayerWeights, ModelAdapter
-from .qwen2_vl import CausalLMAdapter, GenericCausalLMAdapter, Qwen2VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
+from .text_models import CausalLMAdapter, GenericCausalLMAdapter
 
 # Class names we have a runner for. Matched by name so the project does not import every family.
 _ADAPTERS = {
