@@ -113,6 +113,12 @@ def test_config_token_trigger_rules():
 def test_presets():
     iv = LatentConfig.ivtlr()
     assert (iv.num_latent_steps, iv.num_selected_patches, iv.position_mode) == (3, 32, "arange")
+    assert (iv.start_marker_id, iv.end_marker_id, iv.placeholder_id) == (None, None, "<|latent|>")
+    assert (iv.patch_order, iv.score_precision, iv.ignore_first_eos) == ("official", "model", True)
+    with pytest.raises(ValueError, match="patch_order"):
+        LatentConfig(patch_order="descending")
+    with pytest.raises(ValueError, match="score_precision"):
+        LatentConfig(score_precision="bf16")
     mi = LatentConfig.mirage()
     assert (mi.trigger, mi.num_selected_patches, mi.max_latent_steps) == ("token", 0, 8)
     co = LatentConfig.coconut()

@@ -28,9 +28,15 @@ def _inputs(processor, n=2):
 
 
 def test_from_pretrained_resolves_token_names_and_generates(ckpt):
-    gen = LatentGenerator.from_pretrained(ckpt, LatentConfig.ivtlr(num_selected_patches=4))
+    cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4, start_marker_id="<|start-latent|>",
+                       end_marker_id="<|end-latent|>", placeholder_id="<|latent|>")
+    gen = LatentGenerator.from_pretrained(ckpt, cfg)
     assert gen.config.start_marker_id == TINY_TOKEN_IDS["<|start-latent|>"]
     assert gen.config.end_marker_id == TINY_TOKEN_IDS["<|end-latent|>"]
+    assert gen.config.placeholder_id == TINY_TOKEN_IDS["<|latent|>"]
+    # the official preset resolves its placeholder name too (and has no markers)
+    iv = LatentGenerator.from_pretrained(ckpt, LatentConfig.ivtlr(num_selected_patches=4)).config
+    assert (iv.placeholder_id, iv.start_marker_id, iv.end_marker_id) == (TINY_TOKEN_IDS["<|latent|>"], None, None)
     batch = _inputs(gen.processor)
     out = gen.generate(**batch, max_new_tokens=5)
     assert out.selected.shape == (2, 3, 4) and out.sequences.shape[0] == 2
