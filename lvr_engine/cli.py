@@ -187,7 +187,12 @@ def add_eval(sub) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--judge", default="m3cot", choices=("m3cot", "ivtlr"))
+    p.add_argument("--judge", default="m3cot", choices=("m3cot", "ivtlr", "ivtlr_infer"),
+                   help="m3cot: M3CoT's official judge; ivtlr: IVT-LR's letter rule on the output; ivtlr_infer: "
+                        "the official IVT-LR inference rule on the decoded prompt + output")
+    p.add_argument("--template", default=None,
+                   help="prompt template (default: the model's, from lvr_config.json, else ivtlr); ivtlr_infer: the "
+                        "official IVT-LR inference prompt (280x280 image, three <|latent|> placeholders)")
     p.add_argument("--image-only", choices=("auto", "yes", "no"), default="auto",
                    help="evaluate only questions with an image (auto: when latent steps select patches)")
     p.add_argument("--seed", type=int, default=0, help="synthetic test set seed")
@@ -198,6 +203,11 @@ def add_eval(sub) -> None:
 def cmd_eval(args, argv) -> int:
     if not Path(args.model).is_dir():
         raise CLIError(f"model directory {args.model} does not exist")
+    if args.template is not None:
+        from .data.prompts import PROMPT_TEMPLATES
+
+        if args.template not in PROMPT_TEMPLATES:
+            raise CLIError(f"unknown --template {args.template!r}; choose one of {sorted(PROMPT_TEMPLATES)}")
     from .evaluation import evaluate, read_lvr_config
 
     try:
@@ -224,8 +234,8 @@ def cmd_eval(args, argv) -> int:
 
     try:
         res = evaluate(args.model, examples, args.mode, dataset=args.dataset, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, judge=args.judge, progress=not args.no_progress,
-                       on_row=write)
+                       max_new_tokens=args.max_new_tokens, judge=args.judge, template=args.template,
+                       progress=not args.no_progress, on_row=write)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from None
     finally:
@@ -389,6 +399,35 @@ def cmd_analyze(args, argv) -> int:
     return 0
 
 
+# -- lvr convert --------------------------------------------------------------------------------------
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a released checkpoint into a model directory lvr loads",
+                       description="ivtlr: the official IVT-LR model.pth (a peft LoRA of Qwen2-VL in transformers "
+                                   "4.51's layout) + its base -> merged safetensors, processor, lvr_config.json.")
+    p.add_argument("format", choices=("ivtlr",), help="ivtlr: FYYDCC/IVT-LR's released Qwen2-VL model.pth")
+    p.add_argument("--checkpoint", required=True, help="the model.pth (read with torch.load(weights_only=True))")
+    p.add_argument("--base", required=True, help="local copy of the base checkpoint (Qwen2-VL-7B-Instruct)")
+    p.add_argument("--output", required=True, help="new directory for the converted model")
+    p.add_argument("--lora-r", type=int, default=64, help="the LoRA rank it was trained with (official: 64)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="the LoRA alpha (official: 16)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args, argv) -> int:
+    from .models.convert_ivtlr import convert_ivtlr
+
+    alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
+    try:
+        out = convert_ivtlr(args.checkpoint, args.base, args.output, lora_r=args.lora_r, lora_alpha=alpha,
+                            dtype=args.dtype, log=lambda msg: print(msg, flush=True))
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(f"converted {args.checkpoint} to {out}; run it with: lvr generate --model {out} ... "
+          f"or lvr eval --model {out} --template ivtlr_infer --judge ivtlr_infer ...")
+    return 0
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmark suites (pytest benchmarks/ --benchmark-only)")
     p.add_argument("pytest_args", nargs="*", help="extra arguments for pytest, e.g. -k engine")
@@ -419,7 +458,7 @@ def cmd_demo(args, argv) -> int:
 
 
 # -- registration -------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_train, add_eval, add_generate, add_tiny_model, add_analyze, add_bench]
+COMMANDS = [add_demo, add_train, add_eval, add_generate, add_tiny_model, add_analyze, add_convert, add_bench]
 """Subcommand registrations, in help order: each adds its parser and sets ``func(args, argv) -> int``."""
 
 

@@ -25,7 +25,9 @@ import torch
 
 from .data import SCORERS
 from .data.example import LETTERS, ReasoningExample
-from .data.scoring import extract_ivtlr_scienceqa_index, extract_m3cot_answer, ivtlr_m3cot_candidates, score_m3cot
+from .data.prompts import get_template
+from .data.scoring import (JUDGES, extract_ivtlr_scienceqa_index, extract_m3cot_answer, ivtlr_infer_candidates,
+                           ivtlr_m3cot_candidates, score_m3cot)
 from .engine.config import LatentConfig
 from .engine.generator import LatentGenerator
 from .training.collate import encode_prompts
@@ -65,6 +67,8 @@ def _scorer_for(dataset: str | None, examples) -> tuple[str, Callable]:
 
 
 def _extract(pred: str, ex: ReasoningExample, dataset: str, judge: str) -> str | None:
+    if judge == "ivtlr_infer":
+        return ",".join(sorted(ivtlr_infer_candidates(pred))) or None
     if judge == "ivtlr":
         if dataset == "scienceqa":
             i = extract_ivtlr_scienceqa_index(pred)
@@ -121,8 +125,10 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
 
     ``model``: a checkpoint directory (``lvr train`` output, or any supported checkpoint with
     ``latent_config=``) or a :class:`LatentGenerator`. ``dataset`` picks the scorer ("m3cot", "scienceqa";
-    default: the examples' ``metadata["dataset"]``; other names use the M3CoT letter judge). ``template`` /
-    ``image_size`` default to those the model was trained with. ``on_row(row)`` is called per question as
+    default: the examples' ``metadata["dataset"]``; other names use the M3CoT letter judge). ``judge``: one of
+    :data:`~lvr_engine.data.scoring.JUDGES`; ``"ivtlr_infer"`` judges each row's prompt and output decoded
+    together, as the official IVT-LR inference does. ``template`` defaults to the one the model was trained
+    with; ``image_size`` to the template's own, else the model's. ``on_row(row)`` is called per question as
     soon as its batch is done.
 
     Returns :class:`EvalResult`: ``summary`` {accuracy, correct, num_questions, mean_steps, ms_per_question,
@@ -133,12 +139,15 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if judge not in JUDGES:
+        raise ValueError(f"unknown judge {judge!r}; known judges: {list(JUDGES)}")
     n = len(examples)
     if n == 0:
         raise ValueError("no examples to evaluate")
     gen, meta = _generator(model, mode, latent_config, device, dtype)
     template = template or meta.get("template") or "ivtlr"
-    image_size = image_size if image_size is not None else meta.get("image_size")
+    if image_size is None:
+        image_size = get_template(template).image_size or meta.get("image_size")
     cfg = gen.config
     N = cfg.num_latent_steps if cfg.trigger == "prompt" else 0
     K = cfg.num_selected_patches if N else 0
@@ -171,8 +180,12 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
         for b, ex in enumerate(batch):
             ids = out.sequences[b, :lengths[b]].tolist()
             pred = tok.decode(ids, skip_special_tokens=True).strip()
-            row = {"id": ex.id, "prediction": pred, "extracted": _extract(pred, ex, ds_name, judge),
-                   "answer": ex.answer, "correct": bool(scorer(pred, ex, judge=judge)),
+            judged = pred
+            if judge == "ivtlr_infer":  # the official loop decodes the prompt and the output together
+                prompt_ids = prompt.input_ids[b][prompt.attention_mask[b].bool()].tolist()
+                judged = tok.decode(prompt_ids + ids, skip_special_tokens=True)
+            row = {"id": ex.id, "prediction": pred, "extracted": _extract(judged, ex, ds_name, judge),
+                   "answer": ex.answer, "correct": bool(scorer(judged, ex, judge=judge)),
                    "steps": lengths[b] + N, "ms": ms}
             rows.append(row)
             if on_row is not None:

@@ -20,8 +20,21 @@ the context (M3CoT ``context``, ScienceQA ``hint``) — ``"ivtlr"`` does too, ``
 adds it; its ScienceQA target names the 0-based answer *index* ("Therefore, the answer is 1") while
 the options are lettered — ``"ivtlr"`` uses the letter for both datasets, ``"ivtlr_scienceqa"``
 reproduces the index. (Its M3CoT *inference* script, ``qwen_vl/infer.py`` in the forks, formats options as
-``A.{...}`` and ends the prompt at ``"Answer:"`` without the newline, unlike its training script; we
-use the training format for both.)
+``A.{...}`` and ends the prompt at ``"Answer:"`` without the newline, unlike its training script; the
+``"ivtlr"`` template uses the training format for both, ``"ivtlr_infer"`` reproduces the inference prompt.)
+
+``"ivtlr_infer"`` is exactly what ``qwen_vl/infer.py`` (FYYDCC/IVT-LR) feeds the released checkpoints::
+
+    [Question]:{<question>}
+    [Options]:
+    A.{<choice 0>}
+    B.{<choice 1>}
+    Answer:
+
+in a chat turn after the image resized to 280x280, rendered with the generation prompt, then
+``<|latent|><|latent|><|latent|>`` appended to the text (:attr:`PromptTemplate.generation_suffix`; the engine
+consumes these placeholders as the latent steps). Its answers are judged with ``judge="ivtlr_infer"``
+(:mod:`lvr_engine.data.scoring`).
 
 Templates live in :data:`PROMPT_TEMPLATES`; add your own with :func:`register_template`.
 """
@@ -67,6 +80,10 @@ class PromptTemplate:
         step_suffix: appended to every reasoning step of the target.
         answer: the final answer line of the target; fields ``{letter}``, ``{index}``, ``{choice}``.
         strip: strip whitespace around question, choices and context before formatting.
+        generation_suffix: text appended after the rendered chat template (after the assistant's
+            generation prompt), e.g. the official IVT-LR ``<|latent|>`` placeholders.
+        image_size: the side every image is resized to (bicubic) when the caller gives none;
+            ``None`` leaves the processor's own resizing.
     """
 
     name: str
@@ -77,6 +94,8 @@ class PromptTemplate:
     step_suffix: str = "\n"
     answer: str = "Therefore, the answer is {letter}"
     strip: bool = True
+    generation_suffix: str = ""
+    image_size: int | None = None
 
 
 class Target(NamedTuple):
@@ -116,10 +135,19 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
         option=_IVTLR.option,
         answer="Therefore, the answer is {index}",
     ),
+    "ivtlr_infer": PromptTemplate(
+        name="ivtlr_infer",
+        prompt="[Question]:{{{question}}}\n[Options]:\n{options}\nAnswer:",
+        option="{letter}.{{{choice}}}",
+        generation_suffix="<|latent|>" * 3,
+        image_size=IVTLR_IMAGE_SIZE,
+    ),
 }
 """Registered templates by name: ``"ivtlr"`` (default, IVT-LR's training format),
 ``"ivtlr_context"`` (plus a ``[Context]:{...}`` line when the example has context),
-``"ivtlr_scienceqa"`` (IVT-LR's ScienceQA target, the 0-based answer index instead of the letter)."""
+``"ivtlr_scienceqa"`` (IVT-LR's ScienceQA target, the 0-based answer index instead of the letter),
+``"ivtlr_infer"`` (the official M3CoT inference prompt of the released checkpoints: ``A.{...}`` options, ends
+at ``Answer:``, images 280x280, three ``<|latent|>`` placeholders after the generation prompt)."""
 
 
 def register_template(template: PromptTemplate, overwrite: bool = False) -> PromptTemplate:

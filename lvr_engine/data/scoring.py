@@ -22,6 +22,27 @@ available with ``judge="ivtlr"``: for M3CoT an output is correct when the gold l
 letters right after any "the answer is" / "Answer:" (case-insensitive, so "the answer is because"
 yields "B" — their quirk too); for ScienceQA the first digit after "the answer is" (three patterns
 tried in order) is the 0-based answer index, else the first letter there, mapped to an index.
+
+``judge="ivtlr_infer"`` is the rule of the official inference loop itself (``qwen_vl/infer.py`` of
+FYYDCC/IVT-LR), for the ``"ivtlr_infer"`` prompt. It judges the *whole* decoded sequence: infer.py decodes
+the prompt and the output together with ``skip_special_tokens=True``, so the chat markers, image pads and
+``<|latent|>`` placeholders vanish and the text reads ``...B.{choice}\nAnswer:\nassistant\n<output>``.
+Then:
+
+1. an ``assistant`` that follows ``answer:`` with only whitespace between (any case) is deleted — the
+   role line of the generation prompt — which leaves the prompt's own ``Answer:`` directly before the
+   output;
+2. every letter that follows "the answer is" or "Answer:" (any case; whitespace and newlines may come
+   between; the letter is upper-cased) is a candidate;
+3. the output is correct iff the gold letter is among the candidates.
+
+Because of 1, the first character the model writes counts when it is a letter: "B. The square is blue"
+yields {"B"}, "Therefore, the answer is C" yields {"T", "C"}, "I think (A)" yields {"I"}. Matches do not
+overlap, so "The answer is C" yields {"T"} alone (the prompt's "Answer:" takes the "T", and "he answer
+is" is no match), and a parenthesised letter is never read ("... the answer is (B)" adds nothing).
+Every candidate is accepted, so an output naming two letters is right for either. Kept as the official
+code has it, for comparable numbers; pass the decoded prompt + output as ``pred_text``
+(:func:`lvr_engine.evaluation.evaluate` does).
 """
 
 from __future__ import annotations
@@ -36,6 +57,7 @@ from .example import LETTERS, ReasoningExample
 __all__ = [
     "extract_m3cot_answer",
     "ivtlr_m3cot_candidates",
+    "ivtlr_infer_candidates",
     "extract_ivtlr_scienceqa_index",
     "score_m3cot",
     "score_scienceqa",
@@ -44,12 +66,13 @@ __all__ = [
     "JUDGES",
 ]
 
-JUDGES = ("m3cot", "ivtlr")
+JUDGES = ("m3cot", "ivtlr", "ivtlr_infer")
 """Names accepted by the ``judge`` argument of the scoring functions."""
 
 _PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
 _PUNCT_TO_SPACE = re.compile(r"[\n.,!?]")
 _IVTLR_M3COT = re.compile(r"(?:the\s+answer\s+is|Answer:)\s*([A-Z])", re.IGNORECASE)
+_ROLE_AFTER_ANSWER = re.compile(r"(?<=answer:)\s*assistant\b", re.IGNORECASE)
 _IVTLR_SQA_DIGIT = [
     re.compile(r"Therefore,?\s*the\s+answer\s+is\s+(\d)", re.IGNORECASE),
     re.compile(r"the\s+answer\s+is\s+(\d)", re.IGNORECASE),
@@ -93,6 +116,13 @@ def ivtlr_m3cot_candidates(text: str) -> set[str]:
     return {m.group(1).upper() for m in _IVTLR_M3COT.finditer(text or "")}
 
 
+def ivtlr_infer_candidates(full_text: str) -> set[str]:
+    """Return the letters ``qwen_vl/infer.py`` accepts in ``full_text``, the prompt and the output decoded
+    together with ``skip_special_tokens=True``: :func:`ivtlr_m3cot_candidates` after deleting each
+    ``assistant`` that follows ``answer:`` (module docstring)."""
+    return ivtlr_m3cot_candidates(_ROLE_AFTER_ANSWER.sub("", full_text or ""))
+
+
 def extract_ivtlr_scienceqa_index(text: str) -> int | None:
     """Return the answer index IVT-LR's ScienceQA scorer reads from ``text``, or ``None``.
 
@@ -120,9 +150,12 @@ def score_m3cot(pred_text: str, example: ReasoningExample, judge: str = "m3cot")
 
     ``judge="m3cot"``: the official judge's letter (:func:`extract_m3cot_answer`) equals
     ``example.answer``. ``judge="ivtlr"``: ``example.answer`` is among
-    :func:`ivtlr_m3cot_candidates`.
+    :func:`ivtlr_m3cot_candidates`. ``judge="ivtlr_infer"``: ``pred_text`` is the decoded prompt + output
+    and ``example.answer`` is among :func:`ivtlr_infer_candidates`.
     """
     _check_judge(judge)
+    if judge == "ivtlr_infer":
+        return example.answer in ivtlr_infer_candidates(pred_text)
     if judge == "ivtlr":
         return example.answer in ivtlr_m3cot_candidates(pred_text)
     return extract_m3cot_answer(pred_text, example.choices) == example.answer
@@ -134,8 +167,12 @@ def score_scienceqa(pred_text: str, example: ReasoningExample, judge: str = "m3c
     ``judge="m3cot"``: the letter of :func:`extract_m3cot_answer`, mapped to its index, equals
     ``example.answer_index``. ``judge="ivtlr"``: :func:`extract_ivtlr_scienceqa_index` equals it
     (for models trained with the ``"ivtlr_scienceqa"`` template, whose answers are indices).
+    ``judge="ivtlr_infer"``: the gold choice's letter is among :func:`ivtlr_infer_candidates` of
+    ``pred_text``, the decoded prompt + output (infer.py's M3CoT rule applied to lettered options).
     """
     _check_judge(judge)
+    if judge == "ivtlr_infer":
+        return LETTERS[example.answer_index] in ivtlr_infer_candidates(pred_text)
     if judge == "ivtlr":
         index = extract_ivtlr_scienceqa_index(pred_text)
     else:

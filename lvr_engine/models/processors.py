@@ -76,3 +76,19 @@ def load_processor(path: str | os.PathLike):
     chat_template = chat_template or getattr(tokenizer, "chat_template", None)
     return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=_video_stand_in(),
                     chat_template=chat_template)
+
+
+def save_processor(processor, dest: str | os.PathLike, source: str | os.PathLike) -> None:
+    """``processor.save_pretrained(dest)``; where the processor carries the stand-in video processor (no
+    torchvision here), the saved ``processor_config.json`` takes the ``video_processor`` entry of checkpoint
+    ``source``'s, when it has one, so ``dest`` loads with plain AutoProcessor wherever torchvision is installed."""
+    processor.save_pretrained(dest)
+    saved, src = Path(dest) / "processor_config.json", Path(source) / "processor_config.json"
+    if not (saved.exists() and src.exists()):
+        return
+    cfg, src_cfg = json.loads(saved.read_text()), json.loads(src.read_text())
+    vp = cfg.get("video_processor")
+    stand_in = isinstance(vp, dict) and vp.get("video_processor_type") == "VideoProcessorMixin"
+    if stand_in and "video_processor" in src_cfg:
+        cfg["video_processor"] = src_cfg["video_processor"]
+        saved.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

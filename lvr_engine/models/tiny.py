@@ -58,6 +58,7 @@ TINY_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|latent_pad|>",
 )
 TINY_TOKEN_IDS: dict[str, int] = {t: i for i, t in enumerate(TINY_SPECIAL_TOKENS)}
+_IVTLR_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
 
 # Qwen2-VL-Instruct's chat template.
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -198,14 +199,21 @@ def _default_corpus() -> list[str]:
     return task_corpus()
 
 
-def build_tiny_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int = _DEFAULT_VOCAB_SIZE):
+def build_tiny_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int = _DEFAULT_VOCAB_SIZE,
+                         latent_tokens: bool = True):
     """A ``Qwen2Tokenizer``: byte-level BPE (Qwen2's pre-tokenizer) trained on ``corpus`` (default: the
     synthetic task's text), vocabulary capped at ``vocab_size``, with :data:`TINY_SPECIAL_TOKENS` as
-    ids 0..12 (special, never split). Deterministic for a given corpus."""
+    ids 0..12 (special, never split). Deterministic for a given corpus.
+
+    ``latent_tokens=False`` leaves out the three IVT-LR / Coconut tokens (``<|start-latent|>``,
+    ``<|end-latent|>``, ``<|latent|>``), as in a released Qwen2-VL tokenizer: the Qwen2-VL tokens keep
+    ids 0..6 and the Mirage tokens take ids 7..9."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
+    specials = [t for t in TINY_SPECIAL_TOKENS if latent_tokens or t not in _IVTLR_TOKENS]
+    ids = {t: i for i, t in enumerate(specials)}
     texts = list(_default_corpus() if corpus is None else corpus)
     # chat scaffolding always in the corpus so role words / newlines merge the same way
     texts += ["system\nYou are a helpful assistant.\n", "user\n", "assistant\n", "\n\n"]
@@ -218,12 +226,12 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=int(vocab_size), min_frequency=1, show_progress=False,
-        special_tokens=list(TINY_SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     vocab = model["vocab"]
-    for t, i in TINY_TOKEN_IDS.items():
+    for t, i in ids.items():
         if vocab.get(t) != i:
             raise RuntimeError(f"special token {t} got id {vocab.get(t)}, expected {i}")
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
@@ -232,10 +240,9 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int
         eos_token="<|im_end|>", pad_token="<|endoftext|>",
         errors="replace", clean_up_tokenization_spaces=False, model_max_length=32768,
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS],
-                         special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    for t, i in TINY_TOKEN_IDS.items():
+    for t, i in ids.items():
         got = tokenizer.convert_tokens_to_ids(t)
         if got != i:
             raise RuntimeError(f"special token {t} has id {got}, expected {i}")
@@ -306,6 +313,7 @@ def write_tiny_model(
     seed: int = 0,
     dtype: Any = "float32",
     initializer_range: float = 0.02,
+    latent_tokens: bool = True,
     **config_overrides: Any,
 ) -> Path:
     """Write a tiny random-init Qwen2-VL checkpoint + tokenizer + processor to ``path``; return it.
@@ -313,14 +321,16 @@ def write_tiny_model(
     The tokenizer is trained on ``corpus`` (default: the synthetic task's text); the config's
     ``vocab_size`` is the tokenizer's length unless given (it must not be smaller). Weights are drawn
     with ``torch.manual_seed(seed)`` inside a forked RNG (the caller's RNG state is untouched), so the
-    same arguments write the same checkpoint. Extra keyword arguments go to :func:`tiny_qwen2vl_config`.
+    same arguments write the same checkpoint. ``latent_tokens=False``: a tokenizer without the IVT-LR tokens
+    (:func:`build_tiny_tokenizer`), like a released Qwen2-VL base. Extra keyword arguments go to
+    :func:`tiny_qwen2vl_config`.
     """
     import torch
     from transformers import GenerationConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(corpus)
+    tokenizer = build_tiny_tokenizer(corpus, latent_tokens=latent_tokens)
     n_tok = len(tokenizer)
     vocab = n_tok if vocab_size is None else int(vocab_size)
     if vocab < n_tok:

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ..data.example import ReasoningExample
-from ..data.prompts import chat_messages, format_prompt, format_target
+from ..data.prompts import chat_messages, format_prompt, format_target, get_template
 
 __all__ = ["Batch", "EncodedPrompts", "collate", "encode_prompts", "encode_images", "end_of_turn_id", "helper_image"]
 
@@ -118,7 +118,8 @@ def encode_prompts(examples: Sequence[ReasoningExample], processor, *, template=
                    prompt_texts: Sequence[str] | None = None) -> EncodedPrompts:
     """Chat-formatted, left-padded prompts of ``examples`` with their images through ``processor``.
 
-    ``image_size`` resizes every image first (IVT-LR: 280); None keeps the processor's own resizing.
+    ``image_size`` resizes every image first (IVT-LR: 280); None: the template's ``image_size``, else the
+    processor's own resizing. The template's ``generation_suffix`` follows the rendered chat text.
     Rows without an image get a text-only prompt (the others' images still go through the processor).
     ``prompt_texts`` replaces ``format_prompt(example, template)`` as the user text of each row.
     """
@@ -128,11 +129,14 @@ def encode_prompts(examples: Sequence[ReasoningExample], processor, *, template=
         raise TypeError(f"{type(processor).__name__} has no chat template (pass the checkpoint's processor)")
     if prompt_texts is not None and len(prompt_texts) != len(examples):
         raise ValueError(f"{len(prompt_texts)} prompt_texts for {len(examples)} examples")
+    t = get_template(template)
+    image_size = t.image_size if image_size is None else image_size
     texts, images = [], []
     for i, ex in enumerate(examples):
         user = format_prompt(ex, template) if prompt_texts is None else prompt_texts[i]
         messages = chat_messages(ex, user, image_size=image_size)
-        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                     + t.generation_suffix)
         if ex.image is not None:
             images.append(_resize(ex.image, image_size))
     tok = _tokenizer(processor)
