@@ -1,7 +1,9 @@
 """LatentGenerator: KV-cached, batched latent decoding with the semantics of docs/semantics.md."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -9,7 +11,7 @@ import torch
 
 from ..models import adapter_for
 from .config import LatentConfig
-from .inputs import consume_placeholders, validate_and_layout
+from .inputs import as_tensor, check_capacity, consume_placeholders, token_ids, validate_and_layout
 from .cuda_graphs import GraphedSteps, Workspace, _round_up, bucket_for
 from .kv_cache import StaticKVCache
 from .latent_step import begin_segment, run_latent_steps
@@ -80,14 +82,9 @@ class LatentGenerator:
                 raise ValueError(f"LatentConfig token fields {names} are token names; pass processor= (or a "
                                  "tokenizer) to resolve them, or give ids")
             config = config.resolve_tokens(tok)
-        if config.trigger == "token":
-            missing = [f for f in config.token_fields() if getattr(config, f) is None]
-            if missing:
-                raise ValueError(f"trigger='token' needs {missing} to be set")
-        if config.num_latent_steps > 0 and config.num_selected_patches > 0 and not self.adapter.is_multimodal:
-            raise ValueError(f"num_selected_patches={config.num_selected_patches} > 0 but "
-                             f"{type(model).__name__} is a text-only model (use num_selected_patches=0)")
-        self.config = config
+        self.config = config.replace()  # the generator's own copy: assigning to it never changes the caller's
+        self._built_backend = config.backend  # the runner below is built for it
+        self._checked_config()
         if runner == "lean" and not self.adapter.lean_runner:
             raise ValueError(f"no lean runner for {type(model).__name__}; use runner='hf' or 'auto'")
         use_lean = runner == "lean" or (runner == "auto" and self.adapter.lean_runner)
@@ -110,6 +107,7 @@ class LatentGenerator:
         self.graph_mode = {"auto": "cuda" if on_cuda else None, True: "cuda", False: None,
                            "emulate": "emulate"}[cuda_graphs]
         self._workspaces: dict[int, tuple] = {}  # bucket -> (Workspace, GraphedSteps)
+        self._graph_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -149,27 +147,43 @@ class LatentGenerator:
         With CUDA graphs the batch is padded to its bucket with dummy rows; the hook sees them too.
         The model's weights are read once per call: a hook must not modify them.
         """
-        return self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
-                              max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
-                              pad_token_id, latent_hook, return_latents)
+        # Thread safety: the eager path keeps every buffer per call; the graph path replays on the bucket's
+        # persistent workspace, so graphed calls on one generator run one at a time.
+        with self._graph_lock if self.graph_mode is not None else contextlib.nullcontext():
+            return self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                  max_new_tokens, do_sample, temperature, top_k, top_p, seed, eos_token_id,
+                                  pad_token_id, latent_hook, return_latents)
 
     def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, max_new_tokens,
                   do_sample, temperature, top_k, top_p, seed, eos_token_id, pad_token_id, latent_hook,
                   return_latents):
-        cfg = self.config
+        cfg = self._checked_config()
         prompt_trigger = cfg.trigger == "prompt"
         N = cfg.num_latent_steps if prompt_trigger else 0
         K = cfg.num_selected_patches if N > 0 else 0
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
+        vocab = self.adapter.vocab_size
+        eos = self._eos_ids(eos_token_id, vocab)
+        pad_id = self.adapter.pad_token_id if pad_token_id is None else token_ids("pad_token_id", pad_token_id, vocab)[0]
         cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids = (
+            as_tensor(n, x) for n, x in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                                         ("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
+                                         ("mm_token_type_ids", mm_token_type_ids)))
         input_ids, attention_mask = cpu(input_ids), cpu(attention_mask)
         if prompt_trigger and cfg.placeholder_id is not None:  # the official layout: prompt + N <|latent|>
             attention_mask = consume_placeholders(input_ids, attention_mask, cfg.placeholder_id, N)
         batch = validate_and_layout(self.adapter, input_ids, attention_mask, pixel_values,
                                     cpu(image_grid_thw), mm_token_type_ids, max_new_tokens, N, K)
-        eos = self._eos_ids(eos_token_id)
+        use_start = N > 0 and cfg.start_marker_id is not None
+        use_end = N > 0 and cfg.end_marker_id is not None
+        latent_len = N * (K + 1) + (1 if use_end else 0) + (1 if use_start else 0)
+        w = self.runner.w
+        check_capacity(self.adapter, len(w.layers), w.num_kv_heads, w.head_dim, self.runner.compute_dtype,
+                       bucket_for(batch.ids.shape[0]) if self.graph_mode else batch.ids.shape[0],
+                       int(batch.lens.max()), latent_len, int(max_new_tokens))
+        max_new_tokens = int(max_new_tokens)
         weights = self.runner.forward_weights()  # validated once; every forward of this call reads these
-        pad_id = self.adapter.pad_token_id if pad_token_id is None else int(pad_token_id)
         B_real = batch.ids.shape[0]
         if self.graph_mode is not None and bucket_for(B_real) > B_real:
             # Graph replays have fixed batch sizes: add one-token dummy rows up to the bucket (dropped at the end).
@@ -184,14 +198,11 @@ class LatentGenerator:
         t0 = _now(dev)
 
         # -- prompt: embeddings with images scattered in, positions, optional start marker -----------------
-        use_start = N > 0 and cfg.start_marker_id is not None
-        use_end = N > 0 and cfg.end_marker_id is not None
         p = prepare_prompt(self.adapter, self.runner.embed, batch, input_ids, pixel_values, image_grid_thw,
                            mm_token_type_ids, cfg.position_mode, cfg.start_marker_id if use_start else None,
                            dev, dtype)
         S = p.embeds.shape[1]
         stats.prompt_tokens = int(batch.lens.sum())
-        latent_len = N * (K + 1) + (1 if use_end else 0) + (1 if use_start else 0)
         stats.latent_positions = latent_len
         steps = self._steps(B, S + latent_len + max_new_tokens, p.image_slots, dtype, dev)
         cache = steps.cache
@@ -200,7 +211,6 @@ class LatentGenerator:
             p.image_slots = steps.image_slots
             p.image_embeds = torch.nn.functional.pad(p.image_embeds, (0, 0, 0, width - p.image_embeds.shape[1]))
         end_embed = self.runner.embed(torch.tensor([cfg.end_marker_id], device=dev))[0] if use_end else None
-        w = self.runner.w
         seg = begin_segment(p, N, K, patch_order=cfg.patch_order, score_precision=cfg.score_precision,
                             model_dtype=self.adapter.dtype, num_score_terms=len(w.layers) * w.num_heads,
                             end_embed=end_embed, backend=cfg.backend, scores=steps.scores)
@@ -313,10 +323,36 @@ class LatentGenerator:
         return torch.stack(out, 1)
 
     # ------------------------------------------------------------------------------------------------
-    def _eos_ids(self, eos_token_id) -> list[int]:
+    def _eos_ids(self, eos_token_id, vocab) -> list[int]:
         if eos_token_id is None:
             return self.adapter.eos_token_ids
-        return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+        return token_ids("eos_token_id", eos_token_id, vocab, allow_empty=True)  # []: no stop token
+
+    def _checked_config(self) -> LatentConfig:
+        """``self.config`` re-validated at each call (it is a public, mutable attribute): its values, its token ids
+        resolved and within the vocabulary, and what the model supports."""
+        cfg = self.config
+        if not isinstance(cfg, LatentConfig):
+            raise TypeError(f"generator.config must be a LatentConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        if not cfg.resolved:
+            raise ValueError("generator.config has unresolved token names; assign a config resolved with "
+                             "LatentConfig.resolve_tokens(tokenizer)")
+        vocab = self.adapter.vocab_size
+        for name in cfg.token_fields():
+            if getattr(cfg, name) is not None:
+                token_ids(f"LatentConfig.{name}", getattr(cfg, name), vocab)
+        if cfg.trigger == "token":
+            missing = [f for f in cfg.token_fields() if getattr(cfg, f) is None]
+            if missing:
+                raise ValueError(f"trigger='token' needs {missing} to be set")
+        if cfg.num_latent_steps > 0 and cfg.num_selected_patches > 0 and not self.adapter.is_multimodal:
+            raise ValueError(f"num_selected_patches={cfg.num_selected_patches} > 0 but {type(self.model).__name__} "
+                             "is a text-only model (use num_selected_patches=0)")
+        if cfg.backend != self._built_backend:
+            raise ValueError(f"generator.config.backend changed from {self._built_backend!r} to {cfg.backend!r} "
+                             "after the generator was built; build a new LatentGenerator")
+        return cfg
 
 
 class _EagerSteps:

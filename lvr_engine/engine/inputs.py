@@ -4,6 +4,8 @@ Everything here runs before any model compute, so bad input fails fast and loses
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,83 @@ def _require_tensor(name, x, ndim=None, dtypes=None):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def as_tensor(name, x):
+    """numpy arrays (what users naturally pass) become tensors; anything else is returned as is."""
+    if x is not None and not isinstance(x, torch.Tensor) and type(x).__module__ == "numpy":
+        return torch.from_numpy(x)
+    return x
+
+
+def int_value(name, v, lo=None, hi=None):
+    """An int argument (numpy integers accepted) within [lo, hi)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v >= hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo if lo is not None else '-inf'}, {hi})"
+        raise ValueError(f"{name} must be {bounds}, got {v}")
+    return v
+
+
+def token_ids(name, v, vocab: int, allow_empty: bool = False) -> list[int]:
+    """One token id or a list of them (non-empty unless ``allow_empty``), each within the vocabulary [0, vocab)."""
+    if isinstance(v, str) or (isinstance(v, (list, tuple)) and any(isinstance(x, str) for x in v)):
+        raise TypeError(f"{name} must be token ids, got the string {v!r}; look it up with "
+                        "tokenizer.convert_tokens_to_ids")
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not items and not allow_empty:
+        raise ValueError(f"{name} is empty; give at least one token id (or leave it None for the model's own)")
+    return [int_value(name, x, 0, vocab) for x in items]
+
+
+def check_sampling(do_sample, temperature, top_k, top_p, seed) -> None:
+    """Types and ranges of the sampling arguments. ``temperature``/``top_p`` are only range-checked when
+    sampling (a greedy call may carry ``temperature=0``) but must be finite numbers either way."""
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    int_value("top_k", top_k, 0)
+    if seed is not None:
+        int_value("seed", seed)
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_capacity(adapter: ModelAdapter, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   batch: int, prompt_len: int, latent_len: int, max_new_tokens: int) -> None:
+    """The request's longest row must fit the model's positions, and its KV cache the device's free memory:
+    say both numbers when it does not (before anything is allocated)."""
+    total = prompt_len + latent_len + max_new_tokens
+    limit = getattr(adapter.text_config, "max_position_embeddings", None)
+    if limit is not None and total > int(limit):
+        raise ValueError(f"the longest row needs {total} positions ({prompt_len} prompt + {latent_len} latent + "
+                         f"max_new_tokens={max_new_tokens}), more than the model's max_position_embeddings={limit}")
+    need = 2 * num_layers * batch * num_kv_heads * total * head_dim * torch.empty(0, dtype=dtype).element_size()
+    free = _free_memory(adapter.device)
+    if free is not None and need > free:
+        raise ValueError(f"the KV cache for {batch} rows x {total} positions needs {need / 2**30:.2f} GiB, but only "
+                         f"{free / 2**30:.2f} GiB are free on {adapter.device}; lower max_new_tokens or the batch size")
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors: the CUDA allocator's view, or MemAvailable on Linux hosts (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def consume_placeholders(input_ids: torch.Tensor, attention_mask, placeholder_id: int, num_latent_steps: int):
@@ -64,12 +143,18 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
     not matching ``image_grid_thw``, too few image tokens for N*K selections, K > 0 on a text-only model,
     non-positive ``max_new_tokens``.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     _require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
     B, S = input_ids.shape
     if B == 0 or S == 0:
         raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+    vocab = adapter.vocab_size
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bad.any():  # every position, padding included: all of them are embedded
+        b, j = (int(x) for x in torch.nonzero(bad)[0])
+        raise ValueError(f"input_ids[{b}, {j}] = {int(input_ids[b, j])} is not a token id of this model "
+                         f"(vocabulary size {vocab}); {int(bad.sum())} position(s) out of range, padding included")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     _require_tensor("attention_mask", attention_mask, 2)
@@ -85,8 +170,11 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
     contiguous = ((span >= first[:, None]) & (span < (first + lens)[:, None])) == mask.cpu()
     if not contiguous.all():
         raise ValueError("attention_mask must be one contiguous run of 1s per row (left or right padding)")
-    if mm_token_type_ids is not None and mm_token_type_ids.shape != input_ids.shape:
-        raise ValueError(f"mm_token_type_ids shape {tuple(mm_token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if mm_token_type_ids is not None:
+        _require_tensor("mm_token_type_ids", mm_token_type_ids, 2)
+        if mm_token_type_ids.shape != input_ids.shape:
+            raise ValueError(f"mm_token_type_ids shape {tuple(mm_token_type_ids.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
 
     K, N = num_selected_patches, num_latent_steps
     if not adapter.is_multimodal:
@@ -100,6 +188,13 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
         image_mask = torch.zeros_like(mask)
     else:
         image_mask = (input_ids == adapter.image_token_id) & mask
+        if mm_token_type_ids is not None:  # positions follow mm_token_type_ids, the scatter follows input_ids
+            typed = (mm_token_type_ids.to(mask.device) == 1) & mask
+            if not torch.equal(typed, image_mask):
+                b = int(torch.nonzero((typed != image_mask).any(1))[0])
+                raise ValueError(f"mm_token_type_ids row {b} marks {int(typed[b].sum())} image tokens but input_ids row "
+                                 f"{b} holds {int(image_mask[b].sum())} image tokens (id {adapter.image_token_id}) "
+                                 "at other positions; they must agree")
 
     counts = image_mask.sum(1).tolist()
     images_per_row = [0] * B
@@ -108,9 +203,24 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
             raise ValueError(f"input_ids contain {sum(counts)} image tokens but pixel_values is None")
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        _require_tensor("image_grid_thw", image_grid_thw, 2)
+        _require_tensor("image_grid_thw", image_grid_thw, 2, (torch.int64, torch.int32))
         if image_grid_thw.shape[1] != 3:
             raise ValueError(f"image_grid_thw must be (num_images, 3), got {tuple(image_grid_thw.shape)}")
+        m = adapter.spatial_merge_size
+        odd = (image_grid_thw <= 0).any(1) | (image_grid_thw[:, 1:] % m != 0).any(1)
+        if odd.any():
+            i = int(torch.nonzero(odd)[0])
+            raise ValueError(f"image_grid_thw[{i}] = {image_grid_thw[i].tolist()}: every entry must be positive and "
+                             f"the height and width multiples of the spatial merge size {m}")
+        _require_tensor("pixel_values", pixel_values, 2)
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        if adapter.patch_dim is not None and pixel_values.shape[1] != adapter.patch_dim:
+            raise ValueError(f"pixel_values rows have {pixel_values.shape[1]} values, this model's patches have "
+                             f"{adapter.patch_dim} (channels x temporal patch x patch x patch)")
+        if not torch.isfinite(pixel_values).all():
+            rows = torch.nonzero(~torch.isfinite(pixel_values).all(1)).flatten()
+            raise ValueError(f"pixel_values holds NaN or Inf in {rows.numel()} patch row(s), first row {int(rows[0])}")
         per_image = adapter.image_token_counts(image_grid_thw)
         if sum(counts) != sum(per_image):
             raise ValueError(

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .inputs import check_sampling
+
 
 @dataclass
 class SamplingParams:
@@ -15,12 +17,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(self.do_sample, self.temperature, self.top_k, self.top_p, self.seed)
+        self.top_k, self.seed = int(self.top_k), None if self.seed is None else int(self.seed)
 
 
 class Sampler:

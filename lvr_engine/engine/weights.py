@@ -9,6 +9,7 @@ parameter's storage pointer and version counter, so ``model.to(...)`` or an opti
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -104,9 +105,19 @@ def plain_linears(w: DecoderWeights) -> bool:
 
 
 def compute_weights(w: DecoderWeights, dtype: torch.dtype) -> ComputeWeights | None:
-    """Cached compute-ready weights in ``dtype`` (None when the projections are wrapped modules)."""
+    """Cached compute-ready weights in ``dtype`` (None when the projections are wrapped modules). Thread-safe:
+    concurrent ``generate`` calls validate (and at most one builds or re-points) under one lock."""
     if not plain_linears(w):
         return None
+    with _BUILD_LOCK:
+        return _compute_weights(w, dtype)
+
+
+# building re-points the HF parameters into fused tensors: two threads must not do it at once
+_BUILD_LOCK = threading.RLock()
+
+
+def _compute_weights(w: DecoderWeights, dtype: torch.dtype) -> ComputeWeights:
     per_model = _CACHE.setdefault(w.embed, {})
     sig = _signature(w)
     hit = per_model.get(dtype)

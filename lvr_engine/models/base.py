@@ -46,6 +46,9 @@ class ModelAdapter(abc.ABC):
     lean_runner: bool = False  # True when the engine's own decoder loop understands this family's weights
     image_token_id: int | None = None
 
+    patch_dim: int | None = None  # width of a pixel_values row (multimodal families)
+    spatial_merge_size: int = 1  # image grid sides must be multiples of it
+
     def __init__(self, model: nn.Module):
         self.model = model
 
@@ -99,6 +102,11 @@ class ModelAdapter(abc.ABC):
                 return int(pid)
         eos = self.eos_token_ids
         return eos[0] if eos else 0
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the valid token ids are [0, vocab_size)."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
 
     @property
     def text_config(self):

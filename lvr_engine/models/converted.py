@@ -9,6 +9,7 @@ validated on every use by each parameter's storage pointer and version counter, 
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 
 import torch
@@ -29,6 +30,14 @@ def converted(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     (parameters and floating buffers converted, no gradients)."""
     if all(p.dtype == dtype for p in module.parameters()):
         return module
+    with _LOCK:  # concurrent generate calls: one builds, the others then hit the cache
+        return _converted(module, dtype)
+
+
+_LOCK = threading.Lock()
+
+
+def _converted(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     per_module = _CACHE.setdefault(module, {})
     sig = tensor_signature(list(module.parameters()) + list(module.buffers()))
     hit = per_module.get(dtype)

@@ -29,7 +29,10 @@ class Qwen2VLAdapter(ModelAdapter):
         super().__init__(model)
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
-        self.spatial_merge_size = int(cfg.vision_config.spatial_merge_size)
+        vc = cfg.vision_config
+        self.spatial_merge_size = int(vc.spatial_merge_size)
+        chans = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
+        self.patch_dim = int(chans) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2  # pixel_values width
         self._weights = None
 
     def decoder_weights(self) -> DecoderWeights:
