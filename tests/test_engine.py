@@ -187,14 +187,63 @@ def test_vision_tower_groups_equal_one_call(vlm_qwen2, monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_mlp_in_chunks_equals_float64_swiglu(monkeypatch):
+    """The inference MLP over MLP_CHUNK_TOKENS tokens at a time: with the chunk lowered to 16, 3x37 = 111 tokens go
+    through the projections as 6 chunks of 16 and one of 15; the result equals a float64 SwiGLU of the whole input.
+    """
+    import types
+
+    import torch.nn.functional as F
+
+    import lvr_engine.engine.runner as runner_mod
+
+    g = torch.Generator().manual_seed(0)
+    hidden, inter = 24, 40
+    m = types.SimpleNamespace(gate_up=torch.randn(2 * inter, hidden, generator=g) / 5,
+                              gate_up_b=torch.randn(2 * inter, generator=g),
+                              down=torch.randn(hidden, inter, generator=g) / 6,
+                              down_b=torch.randn(hidden, generator=g))
+    h = torch.randn(3, 37, hidden, generator=g)
+    gu = F.linear(h.double(), m.gate_up.double(), m.gate_up_b.double())
+    want = F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], m.down.double(), m.down_b.double())
+
+    for chunk, rows in [(16, [16] * 6 + [15]), (10 ** 6, [111])]:
+        monkeypatch.setattr(runner_mod, "MLP_CHUNK_TOKENS", chunk)
+        seen = []
+
+        def linear(x, w, b):
+            seen.append((w.shape[0], x.reshape(-1, x.shape[-1]).shape[0]))
+            return F.linear(x, w, b)
+
+        got = runner_mod._mlp_in_chunks(h, m, linear)
+        assert got.shape == (3, 37, hidden)
+        assert [n for out, n in seen if out == 2 * inter] == rows and [n for out, n in seen if out == hidden] == rows
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_inference_mlp_gives_same_outputs(vlm_qwen2, monkeypatch):
+    """Generation with the MLP chunk lowered to 16 tokens gives the tokens and selections of unchunked MLPs, and
+    the chunked path really ran: the 3-row prefill's ~100 tokens reached the MLP projections 16 rows at a time."""
     import lvr_engine.engine.runner as runner_mod
 
     cfg = LatentConfig(num_latent_steps=3, num_selected_patches=4)
     batch, _ = make_batch(ROWS, seed=3)
+    monkeypatch.setattr(runner_mod, "MLP_CHUNK_TOKENS", 10 ** 6)
     whole = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
-    monkeypatch.setattr(runner_mod, "MLP_CHUNK_TOKENS", 16)  # prefill of ~80 tokens x 3 rows: many chunks
+    calls = []  # per MLP call: (tokens in, rows of each projection it made)
+    real = runner_mod._mlp_in_chunks
+
+    def spy(h, m, linear):
+        rows = []
+        calls.append((h[..., 0].numel(), rows))
+        return real(h, m, lambda x, w, b: rows.append(x.reshape(-1, x.shape[-1]).shape[0]) or linear(x, w, b))
+
+    monkeypatch.setattr(runner_mod, "_mlp_in_chunks", spy)
+    monkeypatch.setattr(runner_mod, "MLP_CHUNK_TOKENS", 16)
     chunked = LatentGenerator(vlm_qwen2, cfg).generate(**batch, max_new_tokens=6)
+    big = [rows for n, rows in calls if n >= 3 * 16]
+    assert big, [n for n, _ in calls]  # the prefill's MLPs
+    assert all(max(rows) <= 16 and len(rows) >= 2 * 3 for rows in big), big  # >= 3 chunks, 2 projections each
     assert torch.equal(whole.sequences, chunked.sequences) and torch.equal(whole.selected, chunked.selected)
 
 

@@ -92,8 +92,11 @@ def test_resume_is_exact(tiny, examples, tmp_path, keep_optimizer):
     part = Trainer(_cfg(tiny, tmp_path / "part", examples, stop_after_stage=1, **kw)).train()
     assert not part.completed and part.global_step == 2
     assert not (tmp_path / "part" / "checkpoints" / "stage-2").exists()
-    # the interrupted run's output already loads (the stage-1 model at the top level)
-    assert LatentGenerator.from_pretrained(tmp_path / "part") is not None
+    # the interrupted run's output already loads: the stage-1 model at the top level
+    top, stage1 = (load_file(d / "model.safetensors") for d in (tmp_path / "part", tmp_path / "part" / "checkpoints"
+                                                                 / "stage-1"))
+    assert top.keys() == stage1.keys() and all(torch.equal(top[k], stage1[k]) for k in top)
+    assert LatentGenerator.from_pretrained(tmp_path / "part").config.num_latent_steps == 1
     assert json.loads((tmp_path / "part" / "lvr_config.json").read_text())["latent_config"]["num_latent_steps"] == 1
     rest = Trainer(_cfg(tiny, tmp_path / "part", examples, **kw)).train(resume=True)
     assert rest.completed and rest.global_step == full.global_step
@@ -243,20 +246,54 @@ def test_gradient_checkpointing_same_losses(tiny, examples, tmp_path, monkeypatc
     torch.testing.assert_close(torch.tensor(ckpt.losses), torch.tensor(plain.losses), rtol=1e-6, atol=1e-6)
 
 
+def _plain_logits(model, batch) -> torch.Tensor:
+    """(B, S, vocab) float64 logits of a plain transformers forward of the collated prompts (no latent steps)."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                     image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids).logits.double()
+
+
 def test_mirage_stages(tiny, examples, tmp_path):
-    res = Trainer(_cfg(tiny, tmp_path / "mirage", examples, objective="mirage_stage1", num_latent_steps=2)).train()
+    """Stage 1 trains (the saved weights moved away from the initial ones), saves the weights it trained (the
+    reloaded checkpoint gives the trained model's logits), and stage 2 continues from that output."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from lvr_engine.models.loading import load_processor_or_tokenizer
+
+    tr = Trainer(_cfg(tiny, tmp_path / "mirage", examples, objective="mirage_stage1", num_latent_steps=2))
+    res = tr.train()
     assert res.completed and len(res.losses) == 1
     row = json.loads((tmp_path / "mirage" / "train_log.jsonl").read_text().splitlines()[0])
     assert 0 <= row["latent_cos"] <= 2 and row["loss"] == pytest.approx(row["latent_cos"] + 0.1 * row["ce"])
-    gen = LatentGenerator.from_pretrained(tmp_path / "mirage")
     meta = json.loads((tmp_path / "mirage" / "lvr_config.json").read_text())
     assert meta["latent_config"]["trigger"] == "token" and meta["latent_config"]["max_latent_steps"] == 2
-    assert gen is not None
+
+    initial = load_file(Path(tiny) / "model.safetensors")
+    saved = load_file(tmp_path / "mirage" / "model.safetensors")
+    assert saved.keys() == initial.keys()
+    moved = {k for k in initial if not torch.equal(initial[k], saved[k])}
+    assert any(".layers." in k for k in moved), "stage 1 left the decoder weights unchanged"
+    # the checkpoint holds the trained weights: reloaded, it gives the in-memory trained model's logits
+    batch = collate(examples[:2], load_processor_or_tokenizer(tiny), 0)
+    trained = _plain_logits(tr.accelerator.unwrap_model(tr.module).model, batch)
+    gen = LatentGenerator.from_pretrained(tmp_path / "mirage")
+    assert gen.config.trigger == "token" and gen.config.max_latent_steps == 2
+    torch.testing.assert_close(_plain_logits(gen.model, batch), trained, rtol=1e-5, atol=1e-5)
+    before = _plain_logits(Qwen2VLForConditionalGeneration.from_pretrained(tiny), batch)
+    assert (before - trained).abs().max() > 1e-3  # ... and those are not the untrained model's logits
+
     # stage 2 continues from stage 1's output with CE only (markers supervised)
     res2 = Trainer(_cfg(tiny, tmp_path / "mirage2", examples, model=str(tmp_path / "mirage"),
                         objective="mirage_stage2", num_latent_steps=2)).train()
     row = json.loads((tmp_path / "mirage2" / "train_log.jsonl").read_text().splitlines()[0])
     assert "latent_cos" not in row and row["loss"] == pytest.approx(row["ce"]) and res2.completed
+    saved2 = load_file(tmp_path / "mirage2" / "model.safetensors")
+    # Adam moves a weight by at most lr per step (no weight decay): stage 2 started from stage 1's weights. From
+    # the tiny ones, stage 1's own step (up to lr, either sign) would stand between them as well.
+    drift = max((saved2[k] - saved[k]).abs().max().item() for k in moved if ".layers." in k)
+    assert 0 < drift <= len(res2.losses) * 1e-3 * 1.01, drift
+    assert max((saved2[k] - initial[k]).abs().max().item() for k in moved) > len(res2.losses) * 1e-3 * 1.01
 
 
 def test_config_errors():

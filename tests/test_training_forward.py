@@ -97,21 +97,47 @@ def test_detach_changes_gradients(model64):
 
 
 def test_labels_mask_prompt_and_latents(model64):
-    """Only target tokens carry loss: changing a target token changes the loss, the count is the target count."""
-    batch, _ = make_batch(ROWS, seed=2)
+    """Only target tokens carry loss. Against the published recompute (float64, loss on the row's target tokens
+    only): the same CE sum and token count; changing a labelled target token moves the CE sum by exactly what it
+    moves the recompute's (and by something); changing tokens at masked (padding) positions changes nothing."""
+    batch, pieces = make_batch(ROWS, seed=2)
     batch["pixel_values"] = batch["pixel_values"].double()
     tgt, tmask = _targets([4, 1, 6], seed=3)
     adapter = adapter_for(model64)
     runner = DecoderRunner(adapter.decoder_weights())
-    with torch.no_grad():
-        out = latent_forward(runner, adapter, **batch, target_ids=tgt, target_mask=tmask, num_latent_steps=3,
-                             num_selected_patches=4, start_marker_id=START_MARKER, end_marker_id=END_MARKER)
-        assert out.num_tokens == 11
-        tgt2 = tgt.clone()
-        tgt2[0, 5] = 17  # a padding position: no effect
-        same = latent_forward(runner, adapter, **batch, target_ids=tgt2, target_mask=tmask, num_latent_steps=3,
-                              num_selected_patches=4, start_marker_id=START_MARKER, end_marker_id=END_MARKER)
-        assert torch.equal(out.ce_sum, same.ce_sum)
+    kw = dict(num_latent_steps=3, num_selected_patches=4, start_marker_id=START_MARKER, end_marker_id=END_MARKER)
+
+    def ours(target_ids):
+        with torch.no_grad():
+            return latent_forward(runner, adapter, **batch, target_ids=target_ids, target_mask=tmask, **kw)
+
+    def published(target_ids, b):
+        ids, pv, thw = pieces[b]
+        with torch.no_grad():
+            ce, n = published_latent_train_loss(model64, ids, target_ids[b, : int(tmask[b].sum())],
+                                                pixel_values=pv.double(), image_grid_thw=thw, **kw)
+        return torch.as_tensor(ce, dtype=torch.float64), n
+
+    out = ours(tgt)
+    ref = [published(tgt, b) for b in range(3)]
+    assert out.num_tokens == sum(n for _, n in ref) == 11
+    torch.testing.assert_close(out.ce_sum.double(), sum(ce for ce, _ in ref), rtol=1e-7, atol=1e-9)  # as above
+
+    for b, t in [(0, 1), (2, 5)]:  # a middle token and a row's final (EOS) label
+        assert tmask[b, t]
+        changed = tgt.clone()
+        changed[b, t] = 17 if tgt[b, t] != 17 else 18
+        delta = ours(changed).ce_sum.double() - out.ce_sum.double()
+        want = published(changed, b)[0] - ref[b][0]
+        assert abs(want) > 1e-3, "the recompute's loss did not react to the label: pick another token"
+        torch.testing.assert_close(delta, want, rtol=1e-6, atol=1e-6)
+
+    padded = tgt.clone()
+    padded[0, 4:] = 17  # row 0 has 4 target tokens, row 1 one: the rest are masked
+    padded[1, 1:] = 33
+    assert not tmask[0, 4:].any() and not tmask[1, 1:].any()
+    same = ours(padded)
+    assert torch.equal(out.ce_sum, same.ce_sum) and same.num_tokens == out.num_tokens
 
 
 def test_gradient_checkpointing_gives_same_gradients(model64):
