@@ -38,6 +38,15 @@ inline void devices(const char* op, at::DeviceType type, std::initializer_list<c
 // KV cache are used without a copy.
 inline at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// How the score ops round each per-head probability before adding it into the fp32 scores (the schema's
+// `int prob_rounding`; `prob_dtype` in Python): none, or to bfloat16 / float16, round-to-nearest-even.
+constexpr int64_t kProbNone = 0, kProbBf16 = 1, kProbFp16 = 2;
+
+inline void prob_rounding(int64_t code) {
+  TORCH_CHECK(code == kProbNone || code == kProbBf16 || code == kProbFp16,
+              "prob_rounding must be 0 (none), 1 (bfloat16) or 2 (float16), got ", code);
+}
+
 // image_slots (B,I) int32/int64 and scores (B,I) float32.
 inline void scores_args(const at::Tensor& slots, const at::Tensor& scores, int64_t B) {
   index_dtype(slots, "image_slots");
@@ -64,10 +73,11 @@ inline void attention_args(const at::Tensor& q, int64_t q_dims, const char* q_sh
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "seq_lens must be (B=", B, "), got ", seq_lens.sizes());
 }
 
-// image_attention_scores(q (B,H,D), k (B,Hkv,S,D), seq_lens (B,), image_slots (B,I), scores (B,I), lse (B,H)?).
+// image_attention_scores(q (B,H,D), k (B,Hkv,S,D), seq_lens (B,), image_slots (B,I), scores (B,I), lse (B,H)?,
+// prob_rounding code).
 inline void image_attention_scores_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& seq_lens,
                                         const at::Tensor& image_slots, const at::Tensor& scores,
-                                        const c10::optional<at::Tensor>& lse) {
+                                        const c10::optional<at::Tensor>& lse, int64_t prob_code) {
   attention_args(q, 3, "(B,H,D)", k, "k", seq_lens);
   scores_args(image_slots, scores, q.size(0));
   if (lse) {
@@ -75,13 +85,14 @@ inline void image_attention_scores_args(const at::Tensor& q, const at::Tensor& k
     TORCH_CHECK(lse->dim() == 2 && lse->size(0) == q.size(0) && lse->size(1) == q.size(1), "lse must be (B=",
                 q.size(0), ",H=", q.size(1), "), got ", lse->sizes());
   }
+  prob_rounding(prob_code);
 }
 
 // chunk_attention_with_scores(q (B,C,H,D) with C >= 1, k_cache/v_cache (B,Hkv,S,D), seq_lens (B,),
-// image_slots (B,I)?, scores (B,I)?). Returns whether scores are to be accumulated (both given).
+// image_slots (B,I)?, scores (B,I)?, prob_rounding code). Returns whether scores are to be accumulated (both given).
 inline bool chunk_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& seq_lens, const c10::optional<at::Tensor>& image_slots,
-                                 const c10::optional<at::Tensor>& scores) {
+                                 const c10::optional<at::Tensor>& scores, int64_t prob_code) {
   attention_args(q, 4, "(B,C,H,D)", k, "k_cache", seq_lens);
   TORCH_CHECK(v.sizes() == k.sizes(), "v_cache must have k_cache's shape ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(v.scalar_type() == q.scalar_type(), "v_cache dtype ", v.scalar_type(), " must match q dtype ",
@@ -89,6 +100,7 @@ inline bool chunk_attention_args(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(q.size(1) >= 1, "q must hold at least one chunk query (C >= 1), got C=", q.size(1));
   const bool with_scores = scores.has_value() && image_slots.has_value();
   if (with_scores) scores_args(*image_slots, *scores, q.size(0));
+  prob_rounding(prob_code);
   return with_scores;
 }
 

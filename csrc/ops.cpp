@@ -5,7 +5,8 @@
 // Layout conventions (element strides, last dim contiguous):
 //   q (B,H,D) / (B,C,H,D), k/v cache (B,Hkv,S,D), seq_lens (B) int32/int64,
 //   image_slots (B,I) int32/int64 with -1 = pad, scores (B,I) float32.
-// All arithmetic is fp32 whatever the storage dtype (fp32 / bf16 / fp16).
+// All arithmetic is fp32 whatever the storage dtype (fp32 / bf16 / fp16); the scores may round each per-head
+// probability to bf16 / fp16 before adding it (prob_rounding: what eager attention in a bf16 model returns).
 //
 // Work split: one task per (row b, kv head, slice of that kv head's query heads). Tasks of one KV
 // group convert each K/V block to fp32 once and reuse it for every query row of the group (GQA), so
@@ -370,17 +371,25 @@ void attend_group(const T* q, const T* k, const T* v, T* out, const GroupArgs& a
   }
 }
 
-// partial[i] += sum_j exp(last[j][slot_i] - lse_j) over the task's heads, for valid slots < L.
+// A probability rounded as the schema's prob_rounding code says (op_checks.h): unchanged, or to bfloat16 /
+// float16 with round-to-nearest-even (c10's conversions, what torch's .to() does) and back to fp32.
+inline float round_prob(float p, int64_t code) {
+  if (code == checks::kProbBf16) return static_cast<float>(c10::BFloat16(p));
+  if (code == checks::kProbFp16) return static_cast<float>(c10::Half(p));
+  return p;
+}
+
+// partial[i] += sum_j round(exp(last[j][slot_i] - lse_j)) over the task's heads, for valid slots < L.
 void gather_last_probs(const Workspace& ws, int nh, int C, int64_t L, const at::Tensor& slots,
                        const void* slots_base, int64_t slot_off, int64_t slot_stride, int64_t I,
-                       float* partial) {
+                       int64_t prob_code, float* partial) {
   for (int j = 0; j < nh; ++j) {
     const int r = (C - 1) * nh + j;
     const float lse = ws.m[r] + std::log(ws.l[r]);
     const float* lg = ws.last.data() + j * L;
     for (int64_t i = 0; i < I; ++i) {
       const int64_t slot = read_index(slots, slots_base, slot_off + i * slot_stride);
-      if (slot >= 0 && slot < L) partial[i] += std::exp(lg[slot] - lse);
+      if (slot >= 0 && slot < L) partial[i] += round_prob(std::exp(lg[slot] - lse), prob_code);
     }
   }
 }
@@ -391,7 +400,7 @@ void gather_last_probs(const Workspace& ws, int nh, int C, int64_t L, const at::
 template <typename T>
 void image_scores_impl(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& lens,
                        const at::Tensor& slots, const at::Tensor& scores, double scale,
-                       const c10::optional<at::Tensor>& lse) {
+                       const c10::optional<at::Tensor>& lse, int64_t prob_code) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), I = slots.size(1);
   const int64_t G = H / Hkv;
   const int splits = head_splits(B, Hkv, G);
@@ -428,7 +437,7 @@ void image_scores_impl(const at::Tensor& q, const at::Tensor& k, const std::vect
             kf.resize(D);
             convert_row(kb + slot * k.stride(2), kf.data(), static_cast<int>(D));
             const float logit = dot(qf.data(), kf.data(), static_cast<int>(D)) * static_cast<float>(scale);
-            part[i] += std::exp(logit - lse_h);
+            part[i] += round_prob(std::exp(logit - lse_h), prob_code);
           }
         }
         continue;
@@ -436,7 +445,7 @@ void image_scores_impl(const at::Tensor& q, const at::Tensor& k, const std::vect
       GroupArgs a{L, 1, static_cast<int>(h1 - h0), static_cast<int>(D), static_cast<float>(scale),
                   0, q.stride(1), k.stride(2), 0, 0, 0};
       attend_group<T, false>(qp + b * q.stride(0) + h0 * q.stride(1), kb, nullptr, nullptr, a, true, ws);
-      gather_last_probs(ws, a.nh, 1, L, slots, sp, b * slots.stride(0), slots.stride(1), I, part);
+      gather_last_probs(ws, a.nh, 1, L, slots, sp, b * slots.stride(0), slots.stride(1), I, prob_code, part);
     }
   });
   float* sc = scores.data_ptr<float>();
@@ -455,8 +464,8 @@ std::vector<int64_t> read_lens(const at::Tensor& seq_lens) {
 
 void image_attention_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& seq_lens,
                                 const at::Tensor& image_slots, const at::Tensor& scores, double scale,
-                                const c10::optional<at::Tensor>& lse) {
-  checks::image_attention_scores_args(q_in, k_in, seq_lens, image_slots, scores, lse);
+                                const c10::optional<at::Tensor>& lse, int64_t prob_rounding) {
+  checks::image_attention_scores_args(q_in, k_in, seq_lens, image_slots, scores, lse, prob_rounding);
   checks::devices("image_attention_scores", at::kCPU, {&q_in, &k_in, &seq_lens, &image_slots, &scores});
   const int64_t B = q_in.size(0);
   const auto lens = read_lens(seq_lens);
@@ -466,9 +475,11 @@ void image_attention_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   if (B == 0 || image_slots.size(1) == 0) return;
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in);
   switch (q.scalar_type()) {
-    case at::kFloat: image_scores_impl<float>(q, k, lens, image_slots, scores, scale, lse); break;
-    case at::kBFloat16: image_scores_impl<c10::BFloat16>(q, k, lens, image_slots, scores, scale, lse); break;
-    default: image_scores_impl<c10::Half>(q, k, lens, image_slots, scores, scale, lse); break;
+    case at::kFloat: image_scores_impl<float>(q, k, lens, image_slots, scores, scale, lse, prob_rounding); break;
+    case at::kBFloat16:
+      image_scores_impl<c10::BFloat16>(q, k, lens, image_slots, scores, scale, lse, prob_rounding);
+      break;
+    default: image_scores_impl<c10::Half>(q, k, lens, image_slots, scores, scale, lse, prob_rounding); break;
   }
 }
 
@@ -477,7 +488,7 @@ void image_attention_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
 
 template <typename T>
 void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& lens,
-                const at::Tensor* slots, const at::Tensor* scores, double scale, at::Tensor& out) {
+                const at::Tensor* slots, const at::Tensor* scores, double scale, int64_t prob_code, at::Tensor& out) {
   const int64_t B = q.size(0), C = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t G = H / Hkv;
   const int64_t I = slots ? slots->size(1) : 0;
@@ -506,7 +517,7 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
                             vp + b * v.stride(0) + kvh * v.stride(1), op + b * out.stride(0) + h0 * out.stride(2),
                             a, with_scores, ws);
       if (with_scores)
-        gather_last_probs(ws, a.nh, a.C, L, *slots, sp, b * slots->stride(0), slots->stride(1), I,
+        gather_last_probs(ws, a.nh, a.C, L, *slots, sp, b * slots->stride(0), slots->stride(1), I, prob_code,
                           partial.data() + t * I);
     }
   });
@@ -522,8 +533,10 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 
 at::Tensor chunk_attention_with_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                            const at::Tensor& seq_lens, const c10::optional<at::Tensor>& image_slots,
-                                           const c10::optional<at::Tensor>& scores, double scale) {
-  const bool with_scores = checks::chunk_attention_args(q_in, k_in, v_in, seq_lens, image_slots, scores);
+                                           const c10::optional<at::Tensor>& scores, double scale,
+                                           int64_t prob_rounding) {
+  const bool with_scores =
+      checks::chunk_attention_args(q_in, k_in, v_in, seq_lens, image_slots, scores, prob_rounding);
   checks::devices("chunk_attention_with_scores", at::kCPU, {&q_in, &k_in, &v_in, &seq_lens});
   if (with_scores) checks::devices("chunk_attention_with_scores", at::kCPU, {&*image_slots, &*scores});
   const int64_t B = q_in.size(0), C = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
@@ -537,9 +550,9 @@ at::Tensor chunk_attention_with_scores_cpu(const at::Tensor& q_in, const at::Ten
   const at::Tensor* sc = with_scores ? &*scores : nullptr;
   const at::Tensor* sl = with_scores ? &*image_slots : nullptr;
   switch (q.scalar_type()) {
-    case at::kFloat: chunk_impl<float>(q, k, v, lens, sl, sc, scale, out); break;
-    case at::kBFloat16: chunk_impl<c10::BFloat16>(q, k, v, lens, sl, sc, scale, out); break;
-    default: chunk_impl<c10::Half>(q, k, v, lens, sl, sc, scale, out); break;
+    case at::kFloat: chunk_impl<float>(q, k, v, lens, sl, sc, scale, prob_rounding, out); break;
+    case at::kBFloat16: chunk_impl<c10::BFloat16>(q, k, v, lens, sl, sc, scale, prob_rounding, out); break;
+    default: chunk_impl<c10::Half>(q, k, v, lens, sl, sc, scale, prob_rounding, out); break;
   }
   return out;
 }
@@ -549,10 +562,10 @@ at::Tensor chunk_attention_with_scores_cpu(const at::Tensor& q_in, const at::Ten
 TORCH_LIBRARY(lvr_engine, m) {
   m.def(
       "image_attention_scores(Tensor q, Tensor k, Tensor seq_lens, Tensor image_slots, Tensor(a!) scores, "
-      "float scale, Tensor? lse=None) -> ()");
+      "float scale, Tensor? lse=None, int prob_rounding=0) -> ()");
   m.def(
       "chunk_attention_with_scores(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, "
-      "Tensor? image_slots, Tensor(a!)? scores, float scale) -> Tensor");
+      "Tensor? image_slots, Tensor(a!)? scores, float scale, int prob_rounding=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lvr_engine, CPU, m) {

@@ -5,8 +5,10 @@
 //   chunk_attention_with_scores  grid (B, H), one block per (row, query head) holding all C chunk
 //                                queries: each K/V tile is staged once in shared memory (fp32) and
 //                                read by every query of the chunk; online softmax per query.
-//   select_and_feedback          grid (B), one block per row: k rounds of block-wide argmax.
-// All arithmetic is fp32. Index tensors (seq_lens, image_slots) may be int32 or int64.
+//   select_and_feedback          grid (B), one block per row: k rounds of block-wide argmax, then the k
+//                                placed in the patch order (ascending, or official: above the k-th best first).
+// All arithmetic is fp32; the score ops may round each probability to bf16/fp16 before adding it
+// (prob_rounding). Index tensors (seq_lens, image_slots) may be int32 or int64.
 
 #include <ATen/ATen.h>
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a
@@ -68,11 +70,19 @@ struct AttnStrides {
   int64_t lb, lh;       // lse
 };
 
-// Adds exp(scale*q.k[slot] - M) / Lsum for each valid image slot of row b; warps stride over I.
+// A probability rounded as the schema's prob_rounding code says (op_checks.h): unchanged, or to bfloat16 /
+// float16 with round-to-nearest-even (c10's conversions, as torch's .to()) and back to fp32.
+__device__ __forceinline__ float round_prob(float p, int code) {
+  if (code == checks::kProbBf16) return static_cast<float>(c10::BFloat16(p));
+  if (code == checks::kProbFp16) return static_cast<float>(c10::Half(p));
+  return p;
+}
+
+// Adds round(exp(scale*q.k[slot] - M) / Lsum) for each valid image slot of row b; warps stride over I.
 template <typename T>
 __device__ void add_image_probs(const float* q_s, const T* k_row, int64_t ks, int D, float M, float Lsum,
                                 const void* slots, bool slots64, int64_t slot_off, int64_t si, float* scores,
-                                int64_t ci, int64_t I, int64_t L) {
+                                int64_t ci, int64_t I, int64_t L, int prob_code) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t i = warp; i < I; i += kWarps) {
     const int64_t slot = read_index(slots, slots64, slot_off + i * si);
@@ -81,7 +91,7 @@ __device__ void add_image_probs(const float* q_s, const T* k_row, int64_t ks, in
     float part = 0.f;
     for (int d = lane; d < D; d += 32) part += q_s[d] * to_f(kr[d]);
     const float s = warp_sum(part);
-    if (lane == 0) atomicAdd(scores + i * ci, expf(s - M) / Lsum);
+    if (lane == 0) atomicAdd(scores + i * ci, round_prob(expf(s - M) / Lsum, prob_code));
   }
 }
 
@@ -89,7 +99,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) image_scores_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const void* lens, bool lens64, const void* slots,
     bool slots64, float* scores, const float* lse, float scale, AttnStrides st, int G, int D, int64_t S,
-    int64_t I) {
+    int64_t I, int prob_code) {
   extern __shared__ float smem[];
   float* q_s = smem;  // D floats, pre-scaled
   __shared__ float wm[kWarps], wl[kWarps];
@@ -125,14 +135,15 @@ __global__ void __launch_bounds__(kThreads) image_scores_kernel(
     Lsum = 0.f;
     for (int w = 0; w < kWarps; ++w) Lsum += wm[w] == -INFINITY ? 0.f : wl[w] * expf(wm[w] - M);
   }
-  add_image_probs(q_s, k_row, st.ks, D, M, Lsum, slots, slots64, b * st.sb, st.si, scores + b * st.cb, st.ci, I, L);
+  add_image_probs(q_s, k_row, st.ks, D, M, Lsum, slots, slots64, b * st.sb, st.si, scores + b * st.cb, st.ci, I, L,
+                  prob_code);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
     const void* lens, bool lens64, const void* slots, bool slots64, float* scores, float scale, AttnStrides st,
-    int C, int G, int D, int64_t S, int64_t I) {
+    int C, int G, int D, int64_t S, int64_t I, int prob_code) {
   extern __shared__ float smem[];
   const int ldt = D + 1;  // padded tile rows: lane j reads row j, column d without bank conflicts
   float* q_s = smem;                        // C x D, pre-scaled queries
@@ -212,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_kernel(
     const float M = m_s[C - 1];
     const float Lsum = l_s[C - 1];
     add_image_probs(q_s + (C - 1) * D, k_row, st.ks, D, M, Lsum, slots, slots64, b * st.sb, st.si,
-                    scores + b * st.cb, st.ci, I, L);
+                    scores + b * st.cb, st.ci, I, L, prob_code);
   }
 }
 
@@ -231,7 +242,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) select_kernel(
     float* scores, bool* avail, const T* __restrict__ emb, const T* __restrict__ hid, T* __restrict__ out,
     int64_t* __restrict__ idx, int64_t ssb, int64_t ssi, int64_t sab, int64_t sai, int64_t seb, int64_t sei,
-    int64_t shb, int64_t sob, int64_t soj, int I, int D, int k) {
+    int64_t shb, int64_t sob, int64_t soj, int I, int D, int k, bool official) {
   extern __shared__ float smem[];
   float* key = smem;                                          // I
   int* sel = reinterpret_cast<int*>(key + I);                 // k, in selection order
@@ -281,9 +292,17 @@ __global__ void __launch_bounds__(kThreads) select_kernel(
     }
     __syncthreads();
   }
+  // Feed order: ascending index; with `official`, as CUDA topk(sorted=False) returns the k: those strictly above
+  // the k-th best (sel[k-1], the last one chosen) first, then those tied with it, each group ascending.
+  const float kth = k > 0 ? key[sel[k - 1]] : 0.f;
   for (int j = threadIdx.x; j < k; j += kThreads) {
+    // better(key, 1, kth, 0): equal keys fall to the index test 1 < 0, so it is true only strictly above.
+    const bool above_j = official && better(key[sel[j]], 1, kth, 0);
     int rank = 0;
-    for (int x = 0; x < k; ++x) rank += sel[x] < sel[j];
+    for (int x = 0; x < k; ++x) {
+      const bool above_x = official && better(key[sel[x]], 1, kth, 0);
+      rank += above_x != above_j ? above_x : sel[x] < sel[j];
+    }
     sorted[rank] = sel[j];
     idx[b * k + rank] = sel[j];
     avail[b * sab + static_cast<int64_t>(sel[j]) * sai] = false;
@@ -324,8 +343,8 @@ void dispatch_float(at::ScalarType st, F&& f) {
 
 void image_attention_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& seq_lens,
                                  const at::Tensor& image_slots, const at::Tensor& scores, double scale,
-                                 const c10::optional<at::Tensor>& lse) {
-  checks::image_attention_scores_args(q_in, k_in, seq_lens, image_slots, scores, lse);
+                                 const c10::optional<at::Tensor>& lse, int64_t prob_rounding) {
+  checks::image_attention_scores_args(q_in, k_in, seq_lens, image_slots, scores, lse, prob_rounding);
   checks::devices("image_attention_scores", at::kCUDA, {&q_in, &k_in, &seq_lens, &image_slots, &scores});
   if (lse) checks::devices("image_attention_scores", at::kCUDA, {&*lse});
   const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(2), Hkv = k_in.size(1), S = k_in.size(2);
@@ -347,15 +366,17 @@ void image_attention_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
         q.const_data_ptr<T>(), k.const_data_ptr<T>(), seq_lens.const_data_ptr(), seq_lens.scalar_type() == at::kLong,
         image_slots.const_data_ptr(), image_slots.scalar_type() == at::kLong, scores.data_ptr<float>(),
         lse ? lse->const_data_ptr<float>() : nullptr, static_cast<float>(scale), st, static_cast<int>(H / Hkv),
-        static_cast<int>(D), S, I);
+        static_cast<int>(D), S, I, static_cast<int>(prob_rounding));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 at::Tensor chunk_attention_with_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                             const at::Tensor& seq_lens, const c10::optional<at::Tensor>& image_slots,
-                                            const c10::optional<at::Tensor>& scores, double scale) {
-  const bool have_scores = checks::chunk_attention_args(q_in, k_in, v_in, seq_lens, image_slots, scores);
+                                            const c10::optional<at::Tensor>& scores, double scale,
+                                            int64_t prob_rounding) {
+  const bool have_scores =
+      checks::chunk_attention_args(q_in, k_in, v_in, seq_lens, image_slots, scores, prob_rounding);
   checks::devices("chunk_attention_with_scores", at::kCUDA, {&q_in, &k_in, &v_in, &seq_lens});
   if (have_scores) checks::devices("chunk_attention_with_scores", at::kCUDA, {&*image_slots, &*scores});
   const bool with_scores = have_scores && image_slots->size(1) > 0;
@@ -385,7 +406,7 @@ at::Tensor chunk_attention_with_scores_cuda(const at::Tensor& q_in, const at::Te
         with_scores ? image_slots->const_data_ptr() : nullptr,
         with_scores && image_slots->scalar_type() == at::kLong, with_scores ? scores->data_ptr<float>() : nullptr,
         static_cast<float>(scale), st, static_cast<int>(C), static_cast<int>(H / Hkv), static_cast<int>(D), S,
-        with_scores ? image_slots->size(1) : 0);
+        with_scores ? image_slots->size(1) : 0, static_cast<int>(prob_rounding));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -393,7 +414,7 @@ at::Tensor chunk_attention_with_scores_cuda(const at::Tensor& q_in, const at::Te
 
 at::Tensor select_and_feedback_cuda(const at::Tensor& scores, const at::Tensor& available,
                                     const at::Tensor& image_embeds_in, const at::Tensor& hidden_in, int64_t k,
-                                    const at::Tensor& out) {
+                                    const at::Tensor& out, bool official_order) {
   checks::select_and_feedback_args(scores, available, image_embeds_in, hidden_in, k, out);
   checks::float_dtype(out, "out");  // the kernel is instantiated for the float types only
   checks::devices("select_and_feedback", at::kCUDA, {&scores, &available, &image_embeds_in, &hidden_in, &out});
@@ -412,7 +433,7 @@ at::Tensor select_and_feedback_cuda(const at::Tensor& scores, const at::Tensor& 
         scores.data_ptr<float>(), available.data_ptr<bool>(), emb.const_data_ptr<T>(), hid.const_data_ptr<T>(),
         out.data_ptr<T>(), idx.data_ptr<int64_t>(), scores.stride(0), scores.stride(1), available.stride(0),
         available.stride(1), emb.stride(0), emb.stride(1), hid.stride(0), out.stride(0), out.stride(1),
-        static_cast<int>(I), static_cast<int>(D), static_cast<int>(k));
+        static_cast<int>(I), static_cast<int>(D), static_cast<int>(k), official_order);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return idx;

@@ -1,8 +1,10 @@
 // select_and_feedback (CPU): choose the next latent step's patches and build its input block in one op.
 //
-// Per row: the k largest scores among the available image tokens (ties: the lower index wins), marked used;
-// out[:, :k] = their embeddings in ascending index order, out[:, k] = the hidden state; scores reset to 0.
-// Semantics: lvr_engine/ops/reference.py; the CUDA kernel is in ops_cuda.cu.
+// Per row: the k largest scores among the available image tokens (ties at the k-th score: the lower index wins),
+// marked used; idx and out[:, :k] = their embeddings in the patch order: ascending index, or with official_order
+// the order CUDA topk(sorted=False) returns them (the official IVT-LR code): those scoring strictly above the
+// k-th best first, then those tied with it, each in ascending index order; out[:, k] = the hidden state; scores
+// reset to 0. Semantics: lvr_engine/ops/reference.py; the CUDA kernel is in ops_cuda.cu.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,7 +25,7 @@ namespace {
 
 at::Tensor select_and_feedback_cpu(const at::Tensor& scores, const at::Tensor& available,
                                    const at::Tensor& image_embeds_in, const at::Tensor& hidden_in, int64_t k,
-                                   const at::Tensor& out) {
+                                   const at::Tensor& out, bool official_order) {
   checks::select_and_feedback_args(scores, available, image_embeds_in, hidden_in, k, out);
   checks::devices("select_and_feedback", at::kCPU, {&scores, &available, &image_embeds_in, &hidden_in, &out});
   const int64_t B = scores.size(0), I = scores.size(1), D = image_embeds_in.size(2);
@@ -49,16 +51,26 @@ at::Tensor select_and_feedback_cpu(const at::Tensor& scores, const at::Tensor& a
                      ? sp[b * scores.stride(0) + i * scores.stride(1)]
                      : -std::numeric_limits<float>::infinity();
       // Order of torch's stable descending sort: NaN first, then larger, ties by lower index.
+      auto above = [](float kx, float ky) {  // kx ranks strictly above ky by key alone
+        const bool nx = std::isnan(kx), ny = std::isnan(ky);
+        return nx != ny ? nx : (!nx && kx > ky);
+      };
       auto before = [&](int64_t x, int64_t y) {
         const float kx = key[x], ky = key[y];
-        const bool nx = std::isnan(kx), ny = std::isnan(ky);
-        if (nx != ny) return nx;
-        if (!nx && kx != ky) return kx > ky;
+        if (above(kx, ky) || above(ky, kx)) return above(kx, ky);
         return x < y;
       };
       std::iota(order.begin(), order.end(), 0);
       if (k > 0 && k < I) std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
       std::sort(order.begin(), order.begin() + k);
+      if (official_order && k > 0) {
+        // The k-th best is the worst chosen one; those strictly above it go first, each group stays ascending.
+        int64_t worst = order[0];
+        for (int64_t j = 1; j < k; ++j)
+          if (before(worst, order[j])) worst = order[j];
+        const float kth = key[worst];
+        std::stable_partition(order.begin(), order.begin() + k, [&](int64_t i) { return above(key[i], kth); });
+      }
       for (int64_t j = 0; j < k; ++j) {
         const int64_t i = order[j];
         ip[b * k + j] = i;
@@ -78,7 +90,7 @@ at::Tensor select_and_feedback_cpu(const at::Tensor& scores, const at::Tensor& a
 TORCH_LIBRARY_FRAGMENT(lvr_engine, m) {
   m.def(
       "select_and_feedback(Tensor(a!) scores, Tensor(b!) available, Tensor image_embeds, Tensor hidden, "
-      "int k, Tensor(c!) out) -> Tensor");
+      "int k, Tensor(c!) out, bool official_order=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lvr_engine, CPU, m) { m.impl("select_and_feedback", &select_and_feedback_cpu); }

@@ -10,13 +10,14 @@ This package imports nothing else from the project.
 from __future__ import annotations
 
 from . import reference
-from .reference import pack_mixed_weight
-from ._dispatch import available_backends, resolve_backend, get_impl
+from ._dispatch import available_backends, get_impl, resolve_backend
+from .reference import PATCH_ORDERS, mean_scores_in_dtype, pack_mixed_weight
 
 __all__ = [
     "image_attention_scores",
     "select_and_feedback",
     "select_patches",
+    "mean_scores_in_dtype",
     "chunk_attention_with_scores",
     "mixed_linear",
     "pack_mixed_weight",
@@ -28,17 +29,20 @@ __all__ = [
 ]
 
 
-def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None, backend=None):
-    """scores (B,I) float32 += sum over heads of softmax(scale * q.k)[image_slots]; see reference.py."""
-    return get_impl("image_attention_scores", backend, q)(q, k, seq_lens, image_slots, scores, scale, lse)
+def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None, prob_dtype=None, backend=None):
+    """scores (B,I) float32 += sum over heads of softmax(scale * q.k)[image_slots], each head's probability rounded
+    to ``prob_dtype`` first (None: no rounding; torch.bfloat16 / torch.float16); see reference.py."""
+    return get_impl("image_attention_scores", backend, q)(q, k, seq_lens, image_slots, scores, scale, lse, prob_dtype)
 
 
 def select_and_feedback(scores, available, image_embeds, hidden, k, out, patch_order="ascending", backend=None):
-    """idx (B,k) top-k among available in ``patch_order``; marks them used, fills out (B,k+1,D), zeroes scores."""
-    impl = get_impl("select_and_feedback", backend, scores)
-    if patch_order == "ascending":
-        return impl(scores, available, image_embeds, hidden, k, out)
-    return impl(scores, available, image_embeds, hidden, k, out, patch_order)
+    """idx (B,k) int64 top-k of scores (B,I) among available (B,I), in ``patch_order`` ("ascending" index order or
+    "official": strictly above the k-th best, then tied with it, each ascending); marks them used, fills
+    out (B,k+1,D) with image_embeds (B,I,D) at idx then hidden (B,D), zeroes scores."""
+    if patch_order not in PATCH_ORDERS:
+        raise ValueError(f"patch_order must be 'ascending' or 'official', got {patch_order!r}")
+    return get_impl("select_and_feedback", backend, scores)(scores, available, image_embeds, hidden, k, out,
+                                                            patch_order)
 
 
 def select_patches(scores, available, k, patch_order="ascending"):
@@ -47,10 +51,12 @@ def select_patches(scores, available, k, patch_order="ascending"):
     return reference.select_patches(scores, available, k, patch_order)
 
 
-def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale, backend=None):
-    """out (B,C,H,D): causal attention of C new queries over each row's cache (+ last-query image scores)."""
+def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale, prob_dtype=None,
+                                backend=None):
+    """out (B,C,H,D): causal attention of C new queries over each row's cache (+ last-query image scores, each
+    head's probability rounded to ``prob_dtype`` first, as image_attention_scores; out does not depend on it)."""
     return get_impl("chunk_attention_with_scores", backend, q)(
-        q, k_cache, v_cache, seq_lens, image_slots, scores, scale
+        q, k_cache, v_cache, seq_lens, image_slots, scores, scale, prob_dtype
     )
 
 

@@ -21,13 +21,64 @@ def _kv_head_of(num_heads: int, num_kv_heads: int, device) -> torch.Tensor:
     return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
 
 
-def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
+PATCH_ORDERS = ("ascending", "official")
+PROB_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_patch_order(patch_order) -> None:
+    """ValueError unless ``patch_order`` is one of :data:`PATCH_ORDERS`."""
+    if patch_order not in PATCH_ORDERS:
+        raise ValueError(f"patch_order must be 'ascending' or 'official', got {patch_order!r}")
+
+
+def check_prob_dtype(prob_dtype) -> None:
+    """ValueError unless ``prob_dtype`` is None (no rounding), torch.float32, torch.bfloat16 or torch.float16."""
+    if prob_dtype not in PROB_DTYPES:
+        raise ValueError(f"prob_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {prob_dtype!r}")
+
+
+# The compiled and Triton kernels take prob_dtype as an int (the schema's `int prob_rounding`, csrc/op_checks.h).
+_PROB_CODES = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def prob_rounding_code(prob_dtype) -> int:
+    """The kernels' code of ``prob_dtype``: 0 = none (None or float32), 1 = bfloat16, 2 = float16."""
+    try:
+        return _PROB_CODES[prob_dtype]
+    except (KeyError, TypeError):
+        check_prob_dtype(prob_dtype)  # raises the ValueError naming the allowed values
+        raise
+
+
+def round_probs(p: torch.Tensor, prob_dtype) -> torch.Tensor:
+    """``p`` with every element rounded to ``prob_dtype`` (round-to-nearest-even, as ``p.to(prob_dtype)``) and
+    widened back to ``p``'s dtype; ``p`` itself when ``prob_dtype`` is None."""
+    check_prob_dtype(prob_dtype)
+    return p if prob_dtype is None else p.to(prob_dtype).to(p.dtype)
+
+
+def mean_scores_in_dtype(scores: torch.Tensor, num_terms: int, dtype) -> torch.Tensor:
+    """(B,I) float32 = ``(scores / num_terms)`` rounded to ``dtype`` and widened back to float32.
+
+    ``scores`` (B,I) float32 are attention probabilities summed over ``num_terms`` = layers x heads; the result is
+    their mean in the model's ``dtype``, what the official IVT-LR code's ``torch.mean`` over the bf16 attentions
+    gives (``score_precision="model"``), ready for :func:`select_and_feedback`. ``dtype`` None or float32: the mean
+    in float32.
+    """
+    mean = scores / num_terms
+    return mean if dtype is None or dtype == torch.float32 else mean.to(dtype).to(torch.float32)
+
+
+def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None, prob_dtype=None):
     """Add the last query's attention mass on each image slot, summed over heads, into ``scores``.
 
     q (B,H,D) last query per row after rotary; k (B,Hkv,S,D) key cache after rotary, row b valid on
     [0, seq_lens[b]); image_slots (B,I) int cache slot of each image token, -1 = pad;
     scores (B,I) float32, updated in place: += sum_h softmax(scale * q_h . k)[slot].
     lse (B,H) optional float32 log-sum-exp of scale*q.k over the row's valid keys (skips the normaliser).
+    prob_dtype: None, or round each per-head probability to it (torch.bfloat16 / torch.float16, round-to-nearest-
+    even) before the sum over heads (what eager attention in a bf16 model returns: softmax in fp32, cast to bf16).
     """
     B, H, D = q.shape
     S = k.shape[2]
@@ -37,7 +88,7 @@ def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None)
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     if lse is None:
         lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse.to(logits.dtype)[..., None]).sum(dim=1)  # (B,S) summed over heads
+    probs = round_probs(torch.exp(logits - lse.to(logits.dtype)[..., None]), prob_dtype).sum(dim=1)  # (B,S)
     slots = image_slots.long()
     gathered = torch.gather(probs, 1, slots.clamp(min=0))
     scores += torch.where(slots >= 0, gathered, torch.zeros_like(gathered)).to(scores.dtype)
@@ -52,25 +103,32 @@ def topk_ascending(scores, available, k):
     return torch.sort(order, dim=-1).values
 
 
-def order_official(scores, idx):
-    """Reorder chosen indices idx (B,k), ascending, as CUDA ``topk(sorted=False)`` returns them (the official IVT-LR
-    feed order): those scoring strictly above the k-th best first, then those tied with it, each ascending."""
+def order_official(scores, available, idx):
+    """Reorder the chosen indices idx (B,k), ascending, as CUDA ``topk(sorted=False)`` returns them (the official
+    IVT-LR feed order): those scoring strictly above the k-th best first, then those tied with it, each ascending.
+
+    scores (B,I) and available (B,I) bool as given to :func:`topk_ascending` (unavailable slots rank as -inf); NaN
+    ranks above every number, as in the selection.
+    """
     if idx.shape[1] == 0:
         return idx
-    chosen = torch.gather(_acc(scores), 1, idx)
-    tied = chosen == chosen.min(dim=1, keepdim=True).values
+    chosen = torch.gather(_acc(scores).masked_fill(~available, float("-inf")), 1, idx)
+    nan = chosen.isnan()
+    # The k-th best is the worst chosen: the smallest number, or NaN when every chosen one is NaN.
+    kth = chosen.masked_fill(nan, float("inf")).min(dim=1, keepdim=True).values
+    kth = torch.where(nan.all(dim=1, keepdim=True), torch.full_like(kth, float("nan")), kth)
+    tied = (chosen == kth) | (nan & kth.isnan())
     return torch.gather(idx, 1, torch.sort(tied.to(torch.int8), dim=1, stable=True).indices)
 
 
 def select_patches(scores, available, k, patch_order="ascending"):
     """The selection half of :func:`select_and_feedback` (what training uses under autograd, where the block is a
     differentiable gather): idx (B,k) int64 in ``patch_order``; available[b, idx] = False; scores reset to 0."""
-    if patch_order not in ("ascending", "official"):
-        raise ValueError(f"patch_order must be 'ascending' or 'official', got {patch_order!r}")
+    check_patch_order(patch_order)
     if k > 0:
         idx = topk_ascending(scores, available, k)
         if patch_order == "official":
-            idx = order_official(scores, idx)
+            idx = order_official(scores, available, idx)
         available.scatter_(1, idx, False)
     else:
         idx = torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
@@ -94,15 +152,17 @@ def select_and_feedback(scores, available, image_embeds, hidden, k, out, patch_o
     return idx
 
 
-def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale):
+def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale, prob_dtype=None):
     """Attention of a chunk of C new queries per row over that row's cache, plus the last query's image scores.
 
     q (B,C,H,D) after rotary; k_cache, v_cache (B,Hkv,S,D), already holding the chunk's keys/values in
     slots [seq_lens[b]-C, seq_lens[b]); query c of row b sits at slot seq_lens[b]-C+c and sees keys
     [0, that slot] (causal inside the chunk). Returns out (B,C,H,D) in q's dtype.
     If ``scores`` (B,I) float32 is given, += sum over heads of the last query's probabilities on
-    ``image_slots`` (B,I) (-1 = pad), exactly as :func:`image_attention_scores`.
+    ``image_slots`` (B,I) (-1 = pad), each rounded to ``prob_dtype`` first, exactly as
+    :func:`image_attention_scores`. ``prob_dtype`` changes the scores only, never ``out``.
     """
+    check_prob_dtype(prob_dtype)
     B, C, H, D = q.shape
     S = k_cache.shape[2]
     kh = _kv_head_of(H, k_cache.shape[1], q.device)
@@ -116,7 +176,7 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
     probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bhcs,bhsd->bchd", probs, vv).to(q.dtype)
     if scores is not None and image_slots is not None and image_slots.shape[1] > 0:
-        last = probs[:, :, -1, :].sum(dim=1)  # (B,S)
+        last = round_probs(probs[:, :, -1, :], prob_dtype).sum(dim=1)  # (B,S)
         slots = image_slots.long()
         gathered = torch.gather(last, 1, slots.clamp(min=0))
         scores += torch.where(slots >= 0, gathered, torch.zeros_like(gathered)).to(scores.dtype)

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ..reference import check_patch_order, prob_rounding_code
+
 __all__ = ["is_available", "image_attention_scores", "select_and_feedback", "chunk_attention_with_scores"]
 
 # Fixed launch shapes: under the interpreter a multi-config autotune fails, and these ops are
@@ -59,13 +61,15 @@ def _check_common(q, k, seq_lens, name_k):
         raise ValueError(f"seq_lens must be (B={q.shape[0]},), got {tuple(seq_lens.shape)}")
 
 
-def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None):
+def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None, prob_dtype=None):
     """q (B,H,D), k (B,Hkv,S,D), seq_lens (B,), image_slots (B,I) int (-1 pad), scores (B,I) float32.
 
-    scores += sum over heads of softmax(scale * q.k over keys [0, seq_lens[b]))[image_slots];
-    lse (B,H) float32 optional (skips the normaliser pass). Returns scores.
+    scores += sum over heads of softmax(scale * q.k over keys [0, seq_lens[b]))[image_slots], each head's
+    probability rounded to ``prob_dtype`` first (None: not rounded); lse (B,H) float32 optional (skips the
+    normaliser pass). Returns scores.
     """
     _check_common(q, k, seq_lens, "k")
+    prob_round = prob_rounding_code(prob_dtype)
     if scores.dtype != torch.float32 or scores.shape != image_slots.shape:
         raise ValueError(f"scores must be float32 shaped like image_slots {tuple(image_slots.shape)}")
     B, H, D = q.shape
@@ -80,18 +84,21 @@ def image_attention_scores(q, k, seq_lens, image_slots, scores, scale, lse=None)
         image_slots.stride(0), image_slots.stride(1), scores.stride(0), scores.stride(1),
         lse_t.stride(0), lse_t.stride(1),
         I, H // k.shape[1], D,
-        HAS_LSE=lse is not None, BLOCK_N=_BLOCK_N, BLOCK_D=_pow2(D), BLOCK_I=_BLOCK_I, num_warps=_NUM_WARPS,
+        HAS_LSE=lse is not None, BLOCK_N=_BLOCK_N, BLOCK_D=_pow2(D), BLOCK_I=_BLOCK_I, PROB_ROUND=prob_round,
+        num_warps=_NUM_WARPS,
     )
     return scores
 
 
-def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale):
+def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scores, scale, prob_dtype=None):
     """q (B,C,H,D), k_cache/v_cache (B,Hkv,S,D) holding the chunk at [seq_lens-C, seq_lens) -> out (B,C,H,D).
 
     Causal attention of the chunk; if scores (B,I) float32 is given, adds the last query's
-    probabilities on image_slots (B,I) summed over heads.
+    probabilities on image_slots (B,I) summed over heads, each rounded to ``prob_dtype`` first (out does not
+    depend on it).
     """
     _check_common(q, k_cache, seq_lens, "k_cache")
+    prob_round = prob_rounding_code(prob_dtype)
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError("v_cache must match k_cache in shape and dtype")
     B, C, H, D = q.shape
@@ -116,18 +123,20 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
         slots.stride(0), slots.stride(-1), sc.stride(0), sc.stride(1),
         C, image_slots.shape[1] if has_scores else 0, H // k_cache.shape[1], D,
         HAS_SCORES=has_scores, BLOCK_C=_pow2(C), BLOCK_N=_BLOCK_N if C <= 32 else 32, BLOCK_D=_pow2(D),
-        BLOCK_I=_BLOCK_I, num_warps=_NUM_WARPS,
+        BLOCK_I=_BLOCK_I, PROB_ROUND=prob_round if has_scores else 0, num_warps=_NUM_WARPS,
     )
     return out.to(q.dtype) if store_fp32 else out
 
 
-def select_and_feedback(scores, available, image_embeds, hidden, k, out):
+def select_and_feedback(scores, available, image_embeds, hidden, k, out, patch_order="ascending"):
     """scores (B,I) float32, available (B,I) bool, image_embeds (B,I,D), hidden (B,D), out (B,k+1,D).
 
-    Returns idx (B,k) int64 ascending top-k among available (lower index wins ties); marks them
-    unavailable, fills out[:, :k] with their embeddings and out[:, k] with hidden, zeroes scores.
-    One launch, one program per row.
+    Returns idx (B,k) int64 top-k among available (lower index wins ties at the k-th score) in
+    ``patch_order`` ("ascending" or "official", reference.py); marks them unavailable, fills out[:, :k]
+    with their embeddings in idx's order and out[:, k] with hidden, zeroes scores. One launch, one
+    program per row. NaN scores are outside this kernel's contract (the C++/CUDA ones rank NaN first).
     """
+    check_patch_order(patch_order)
     B, I = scores.shape
     D = image_embeds.shape[-1]
     k = int(k)
@@ -145,6 +154,6 @@ def select_and_feedback(scores, available, image_embeds, hidden, k, out):
         scores, available, emb, hid, out, idx,
         scores.stride(0), scores.stride(1), available.stride(0), available.stride(1),
         emb.stride(0), emb.stride(1), hid.stride(0), out.stride(0), out.stride(1), k,
-        I, D, BLOCK_I=_pow2(I), BLOCK_D=_pow2(D), num_warps=_NUM_WARPS,
+        I, D, BLOCK_I=_pow2(I), BLOCK_D=_pow2(D), OFFICIAL=patch_order == "official", num_warps=_NUM_WARPS,
     )
     return idx

@@ -12,13 +12,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_prob(p, PROB_ROUND: tl.constexpr):
+    """p (fp32) rounded to bf16 (PROB_ROUND=1) or fp16 (2) with round-to-nearest-even and widened back; p if 0.
+
+    bf16 by the bits (add half an ulp, ties to even, drop the low 16 bits): the interpreter's fp32 -> bf16 cast
+    truncates. Probabilities are finite and >= 0, so the carry can only move into the exponent, as it should.
+    """
+    if PROB_ROUND == 1:
+        u = p.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        p = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    elif PROB_ROUND == 2:
+        p = p.to(tl.float16).to(tl.float32)
+    return p
+
+
+@triton.jit
 def _image_scores_kernel(
     Q, K, LENS, SLOTS, SCORES, LSE, scale,
     sqb, sqh, skb, skh, sks, ssb, ssi, scb, sci, slb, slh,
     I, GROUP, D,
     HAS_LSE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
+    PROB_ROUND: tl.constexpr,
 ):
-    """scores[b, i] += softmax(scale * q[b,h] . k[b, h // GROUP, :L])[slots[b, i]] for this (b, h)."""
+    """scores[b, i] += round(softmax(scale * q[b,h] . k[b, h // GROUP, :L])[slots[b, i]]) for this (b, h)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -58,7 +75,7 @@ def _image_scores_kernel(
         kk = tl.load(k_base + slot[:, None] * sks + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
         logit = tl.sum(kk * q[None, :], axis=1)
-        p = tl.exp(logit - m_row) / l_row
+        p = _round_prob(tl.exp(logit - m_row) / l_row, PROB_ROUND)
         tl.atomic_add(SCORES + b * scb + ii * sci, p, mask=valid)
 
 
@@ -68,13 +85,14 @@ def _chunk_attention_kernel(
     sqb, sqc, sqh, skb, skh, sks, svb, svh, svs, sob, soc, soh, ssb, ssi, scb, sci,
     C, I, GROUP, D,
     HAS_SCORES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    BLOCK_I: tl.constexpr, PROB_ROUND: tl.constexpr,
 ):
     """Causal attention of the C chunk queries of (b, h) over the row's cache, online softmax.
 
     Query c sits at slot L - C + c. With HAS_SCORES the last query's probabilities on the image
     slots are added to scores[b, :]: a second, short pass recomputes only those logits and divides
-    by the final normaliser, so they are exact rather than rescaled block by block.
+    by the final normaliser, so they are exact rather than rescaled block by block; each is rounded as
+    PROB_ROUND says (_round_prob) before it is added.
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -127,7 +145,7 @@ def _chunk_attention_kernel(
             kk = tl.load(k_base + slot[:, None] * sks + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
             logit = tl.sum(kk * q_last[None, :], axis=1)
-            p_img = tl.exp(logit - m_last) / l_last
+            p_img = _round_prob(tl.exp(logit - m_last) / l_last, PROB_ROUND)
             tl.atomic_add(SCORES + b * scb + ii * sci, p_img, mask=valid)
 
 
@@ -136,9 +154,11 @@ def _select_kernel(
     SCORES, AVAIL, EMB, HID, OUT, IDX,
     ssb, ssi, sab, sai, seb, sei, shb, sob, soj, k,
     I, D,
-    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, OFFICIAL: tl.constexpr,
 ):
-    """Row b: ascending top-k of scores among available (ties -> lower index), feedback block, reset."""
+    """Row b: top-k of scores among available (ties at the k-th -> lower index) in the patch order (ascending, or
+    with OFFICIAL those strictly above the k-th best first, then those tied with it, each ascending), feedback
+    block, reset."""
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_I)
     offs_d = tl.arange(0, BLOCK_D)
@@ -148,14 +168,24 @@ def _select_kernel(
     av = tl.load(AVAIL + b * sab + offs * sai, mask=imask, other=0) != 0
     key = tl.where(av, sc, float("-inf"))
     taken = offs < 0
+    kth = tl.max(key, axis=0)  # after the loop: the k-th best key (the last round's maximum)
     # k rounds of argmax over the not-yet-taken slots; the min index among the maxima breaks ties.
     for _ in range(0, k):
         cand = imask & (taken == 0)
         best = tl.max(tl.where(cand, key, float("-inf")), axis=0)
         first = tl.min(tl.where(cand & (key == best), offs, BLOCK_I), axis=0)
         taken = taken | (offs == first)
-    # Selected slots in ascending index order: slot i goes to position (number taken before it).
-    pos = tl.cumsum(taken.to(tl.int32), axis=0) - 1
+        kth = best
+    if OFFICIAL:
+        # Those strictly above the k-th best first, then the tied ones; each group in ascending index order.
+        above = taken & (key > kth)
+        tied = taken & (key <= kth)
+        n_above = tl.sum(above.to(tl.int32), axis=0)
+        pos = tl.where(above, tl.cumsum(above.to(tl.int32), axis=0) - 1,
+                       n_above + tl.cumsum(tied.to(tl.int32), axis=0) - 1)
+    else:
+        # Selected slots in ascending index order: slot i goes to position (number taken before it).
+        pos = tl.cumsum(taken.to(tl.int32), axis=0) - 1
     tl.store(IDX + b * k + pos, offs.to(tl.int64), mask=taken)
     tl.store(AVAIL + b * sab + offs * sai, tl.zeros([BLOCK_I], tl.int1), mask=taken)
     for j in range(0, k):
