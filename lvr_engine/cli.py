@@ -12,7 +12,12 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+from .data.example import SKIPPED_NO_IMAGE
+from .progress import is_terminal
 
 DATASETS = ("m3cot", "scienceqa", "synthetic")
 
@@ -22,16 +27,42 @@ class CLIError(Exception):
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """The questions a command runs on, and what it left out of the split: ``len(examples) +
+    sum(skipped.values()) == split_rows``."""
+
+    examples: Sequence
+    split_rows: int                                           # questions in the split (synthetic: generated)
+    skipped: dict[str, int] = field(default_factory=dict)     # reason -> questions left out for it
+
+    def report(self, what: str) -> str:
+        """One line: how many of the split's questions ``what`` covers and, when some are left out, how many
+        and why."""
+        line = f"{what} {len(self.examples)} of {self.split_rows} questions"
+        if self.skipped:
+            reasons = "; ".join(f"{n} {reason}" for reason, n in self.skipped.items())
+            line += f"; skipped {sum(self.skipped.values())}: {reasons}"
+        return line
+
+
 def _load_examples(dataset: str, data_dir, split: str, limit: int | None, *, require_image: bool = False,
-                   seed: int = 0, synthetic_size: int = 64):
+                   image_reason: str = "", seed: int = 0, synthetic_size: int = 64) -> Loaded:
     """Examples of ``dataset``: read from ``data_dir`` (m3cot, scienceqa) or generated (synthetic; data_dir
-    ignored, ``limit`` or ``synthetic_size`` examples)."""
+    ignored, ``limit`` or ``synthetic_size`` examples). ``require_image`` leaves out the questions without an
+    image (counted, with ``image_reason`` appended to the reason); ``limit`` keeps the first ``limit`` of the
+    rest."""
+    if limit is not None and limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {limit}")
     name = dataset.lower()
+    no_image = SKIPPED_NO_IMAGE + (f" ({image_reason})" if image_reason else "")
     if name == "synthetic":
         from .data.synthetic import make_synthetic_dataset
 
         split = {"validation": "val", "dev": "val"}.get(split, split)
-        return make_synthetic_dataset(limit if limit is not None else synthetic_size, seed, split=split)
+        examples = make_synthetic_dataset(limit if limit is not None else synthetic_size, seed, split=split)
+        kept = [e for e in examples if e.image is not None] if require_image else examples
+        return Loaded(kept, len(examples), {no_image: len(examples) - len(kept)} if len(kept) < len(examples) else {})
     if name not in DATASETS:
         raise CLIError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
     if not data_dir:
@@ -42,9 +73,19 @@ def _load_examples(dataset: str, data_dir, split: str, limit: int | None, *, req
         ds = load_dataset_by_name(name, data_dir, split, require_image=require_image)
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
-    if limit is not None:
-        return [ds[i] for i in range(min(limit, len(ds)))]
-    return ds
+    skipped = {no_image if reason == SKIPPED_NO_IMAGE else reason: n for reason, n in ds.skipped.items()}
+    if limit is not None and limit < len(ds):
+        skipped[f"after the first {limit} (--limit)"] = len(ds) - limit
+        return Loaded([ds[i] for i in range(limit)], ds.split_rows, skipped)
+    return Loaded(ds, ds.split_rows, skipped)
+
+
+def _require(module: str, extra: str, feature: str) -> None:
+    """CLIError naming the extra to install when ``feature`` needs ``module`` and it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise CLIError(f"{feature} needs {module}, which is not installed: pip install 'lvr_engine[{extra}]'")
 
 
 def _in_distributed_child() -> bool:
@@ -137,6 +178,8 @@ def cmd_train(args, argv) -> int:
         return _relaunch(args, argv)
     if not Path(args.model).is_dir():
         raise CLIError(f"model directory {args.model} does not exist")
+    if args.lora_r > 0:
+        _require("peft", "lora", "--lora-r")
     from .training.trainer import LoraSettings, TrainConfig, Trainer
 
     if args.dataset == "synthetic":
@@ -217,10 +260,13 @@ def cmd_eval(args, argv) -> int:
     lc = (meta or {}).get("latent_config", {})
     selects = args.mode == "latent" and lc.get("num_latent_steps", 0) > 0 and lc.get("num_selected_patches", 0) > 0
     image_only = {"yes": True, "no": False, "auto": selects}[args.image_only]
-    examples = _load_examples(args.dataset, args.data_dir, args.split, args.limit, require_image=image_only,
-                              seed=args.seed)
-    if image_only and isinstance(examples, list):
-        examples = [e for e in examples if e.image is not None]
+    why = ("--image-only yes" if args.image_only == "yes" else
+           f"latent steps select {lc.get('num_selected_patches')} image patches each; --image-only no keeps them")
+    loaded = _load_examples(args.dataset, args.data_dir, args.split, args.limit, require_image=image_only,
+                            image_reason=why, seed=args.seed)
+    report = loaded.report(f"{args.dataset} {args.split}: evaluated")
+    if not loaded.examples:
+        raise CLIError(f"no questions to evaluate: {report}")
     out_f = None
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +279,7 @@ def cmd_eval(args, argv) -> int:
             out_f.flush()
 
     try:
-        res = evaluate(args.model, examples, args.mode, dataset=args.dataset, batch_size=args.batch_size,
+        res = evaluate(args.model, loaded.examples, args.mode, dataset=args.dataset, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, judge=args.judge, template=args.template,
                        progress=not args.no_progress, on_row=write)
     except (FileNotFoundError, ValueError) as e:
@@ -242,6 +288,7 @@ def cmd_eval(args, argv) -> int:
         if out_f is not None:
             out_f.close()
     s = res.summary
+    print(report)
     print(f"accuracy: {s['accuracy']:.4f} ({s['correct']}/{s['num_questions']})  mean steps: {s['mean_steps']:.2f}"
           f"  ms/question: {s['ms_per_question']:.1f}  [mode={s['mode']}, latent steps={s['num_latent_steps']}, "
           f"K={s['num_selected_patches']}]")
@@ -357,6 +404,7 @@ def add_analyze(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--output", default=None, help="write the report as JSON here")
     p.add_argument("--heatmaps", default=None, help="directory for per-question selection heat maps")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_analyze)
 
 
@@ -367,8 +415,7 @@ def cmd_analyze(args, argv) -> int:
     from .evaluation import read_lvr_config
     from .training.collate import encode_prompts
 
-    examples = [ex for ex in _load_examples(args.dataset, args.data_dir, args.split, None, require_image=True)
-                if ex.image is not None][: args.limit]
+    examples = list(_load_examples(args.dataset, args.data_dir, args.split, args.limit, require_image=True).examples)
     if not examples:
         raise CLIError(f"no questions with images in {args.dataset} split {args.split!r}")
     try:
@@ -380,7 +427,7 @@ def cmd_analyze(args, argv) -> int:
                                 image_size=meta.get("image_size"))
         batch = prompt.model_inputs()
         report = run_mediation(gen, batch, answer_fn=letter_answer(gen.processor),
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     print(report.format_table())
@@ -475,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not is_terminal(sys.stderr):
+        # transformers' / datasets' own bars ("Loading weights", "Generating test split") redraw with carriage
+        # returns; in a log they are noise (our progress_bar writes plain lines there). Read at their import.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args.func(args, argv) or 0)
     except CLIError as e:

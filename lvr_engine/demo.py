@@ -36,7 +36,8 @@ Output directory (default ``runs/demo``)::
     latent_model/       the curriculum run: the final (stage-3) model at the top level, loadable with
                         LatentGenerator.from_pretrained; checkpoints/stage-0 is the explicit-CoT model
     direct_model/       the direct-answer baseline
-    loss.png            training loss per step, stage boundaries marked
+    loss.png            training loss per step, stage boundaries marked (needs matplotlib: the ``plot`` extra;
+                        without it the demo says so and carries on, the losses stay in results.json)
     heatmaps/q<i>.png   patches chosen at each latent step for test question i
     results.json        the table, the selection statistics, the configuration and timings
 
@@ -172,8 +173,14 @@ def _smooth(values: Sequence[float], segments: Sequence[int], window: int = 20) 
     return out + list(values[start:])
 
 
-def _plot_losses(losses: dict, path: Path, cfg: DemoConfig) -> None:
-    import matplotlib
+def _plot_losses(losses: dict, path: Path, cfg: DemoConfig) -> bool:
+    """Draw ``loss.png``; False (and a line saying which extra to install) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"loss plot skipped: matplotlib is not installed (pip install 'lvr_engine[plot]'); the losses are "
+              f"in {path.with_name('results.json')}", flush=True)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -203,6 +210,7 @@ def _plot_losses(losses: dict, path: Path, cfg: DemoConfig) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 def _selection_stats(gen, test, cfg: DemoConfig) -> dict:
@@ -329,7 +337,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
         table = []
         for name, path, mode in methods:
             res = evaluate(str(path), test, mode, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                           judge="ivtlr")
+                           judge="ivtlr", progress=progress)
             s = res.summary
             table.append({"method": name, "mode": mode, "model": str(path), "accuracy": s["accuracy"],
                           "correct": s["correct"], "num_questions": s["num_questions"],
@@ -344,7 +352,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
         gen = LatentGenerator.from_pretrained(latent_dir, LatentConfig(**meta["latent_config"]))
         selection = _selection_stats(gen, test, cfg)
         heatmaps = _heatmaps(gen, test, out / "heatmaps", cfg)
-        _plot_losses(losses, out / "loss.png", cfg)
+        plotted = _plot_losses(losses, out / "loss.png", cfg)
         timings["draw"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
 
@@ -354,7 +362,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
             "table": table, "chance": _CHANCE, "latent_over_cot": ratio, "selection": selection,
             "heatmaps": heatmaps, "losses": losses,
             "paths": {"output_dir": str(out), "final_model": str(latent_dir), "cot_model": str(cot_dir),
-                      "direct_model": str(direct_dir), "loss_plot": str(out / "loss.png"),
+                      "direct_model": str(direct_dir), "loss_plot": str(out / "loss.png") if plotted else None,
                       "heatmaps": str(out / "heatmaps")},
             "timings_s": timings, "seed": seed, "config": dataclasses.asdict(cfg), "torch_threads": cfg.threads,
         }
@@ -369,8 +377,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
               + ", ".join(f"step {i + 1} {v:.2f}" for i, v in enumerate(sel["anchor_hit_rate"]))
               + "; asked-about cell picked "
               + ", ".join(f"step {i + 1} {v:.2f}" for i, v in enumerate(sel["target_hit_rate"])))
-        print(f"final model: {latent_dir}   CoT model: {cot_dir}\nloss plot: {out / 'loss.png'}   "
-              f"heat maps: {out / 'heatmaps'}/q*.png   results: {out / 'results.json'}\n"
+        print(f"final model: {latent_dir}   CoT model: {cot_dir}\n"
+              + (f"loss plot: {out / 'loss.png'}   " if plotted else "")
+              + f"heat maps: {out / 'heatmaps'}/q*.png   results: {out / 'results.json'}\n"
               f"total {timings['total']:.0f} s (train {timings['train']:.0f} s, eval {timings['eval']:.0f} s)",
               flush=True)
         return results

@@ -32,6 +32,7 @@ from .engine.config import LatentConfig
 from .engine.generator import LatentGenerator
 from .training.collate import encode_prompts
 from .models.loading import LVR_CONFIG, read_lvr_meta
+from .progress import progress_bar
 
 __all__ = ["evaluate", "EvalResult", "read_lvr_config", "MODES", "DIRECT_MAX_NEW_TOKENS"]
 
@@ -157,12 +158,9 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
     eos = gen.adapter.eos_token_ids
     tok = getattr(gen.processor, "tokenizer", gen.processor)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=f"eval {mode}", dynamic_ncols=True)
+    bar = progress_bar(total=n, desc=f"eval {mode}", unit="q", disable=not progress)
     rows: list[dict] = []
+    correct = 0
     passes = 0
     for start in range(0, n, batch_size):
         batch = [examples[i] for i in range(start, min(start + batch_size, n))]
@@ -188,13 +186,12 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
                    "answer": ex.answer, "correct": bool(scorer(judged, ex, judge=judge)),
                    "steps": lengths[b] + N, "ms": ms}
             rows.append(row)
+            correct += row["correct"]
             if on_row is not None:
                 on_row(row)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    correct = sum(r["correct"] for r in rows)
+        bar.set_postfix(acc=f"{correct / len(rows):.3f}", refresh=False)
+        bar.update(len(batch))
+    bar.close()
     summary = {
         "accuracy": correct / len(rows), "correct": correct, "num_questions": len(rows),
         "mean_steps": sum(r["steps"] for r in rows) / len(rows),

@@ -587,12 +587,16 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def run_mediation(generator, batch, perturbations: Sequence | None = None, interventions: Sequence | None = None, *,
-                  answer_fn=None, max_new_tokens: int = 1, seed: int = 0, reference: bool = True) -> MediationReport:
+                  answer_fn=None, max_new_tokens: int = 1, seed: int = 0, reference: bool = True,
+                  progress: bool = False) -> MediationReport:
     """The standard CapImagine-style set on one batch, sharing the clean runs.
 
     Defaults: perturbations ``pixel_noise(1.0)``, ``blank_image()``, ``swap_images()`` (when every image has a
     same-size partner); interventions ``zero_hidden()``, ``noise_hidden()``, ``swap_blocks()`` (B >= 2),
-    ``shuffle_patches()`` (K >= 1). Defaults that cannot run on this batch are listed in ``skipped``."""
+    ``shuffle_patches()`` (K >= 1). Defaults that cannot run on this batch are listed in ``skipped``.
+    ``progress=True`` shows the runs done (:func:`~lvr_engine.progress.progress_bar`)."""
+    from ..progress import progress_bar
+
     N, K = _check_generator(generator)
     B = int(batch["input_ids"].shape[0])
     skipped = {}
@@ -612,13 +616,22 @@ def run_mediation(generator, batch, perturbations: Sequence | None = None, inter
             interventions.append(shuffle_patches(seed))
         else:
             skipped["shuffle_patches"] = "K = 0 (no latent vision)"
+    bar = progress_bar(total=1 + reference + len(perturbations) + len(interventions), desc="mediation",
+                       unit="condition", disable=not progress)
     clean = record_run(generator, batch, max_new_tokens=max_new_tokens)
-    clean_plain = record_run(_plain_generator(generator), batch, max_new_tokens=max_new_tokens) if reference else None
+    bar.update(1)
+    clean_plain = None
+    if reference:
+        clean_plain = record_run(_plain_generator(generator), batch, max_new_tokens=max_new_tokens)
+        bar.update(1)
     report = MediationReport(N, K, B, skipped=skipped)
     for p in perturbations:
         report.latent.append(latent_sensitivity(generator, batch, p, reference=reference, answer_fn=answer_fn,
                                                 max_new_tokens=max_new_tokens, clean=clean, clean_plain=clean_plain))
+        bar.update(1)
     for iv in interventions:
         report.answer.append(answer_sensitivity(generator, batch, iv, answer_fn=answer_fn,
                                                 max_new_tokens=max_new_tokens, clean=clean))
+        bar.update(1)
+    bar.close()
     return report

@@ -14,7 +14,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from .example import LETTERS, ReasoningDataset, ReasoningExample, decode_image, index_for, letter_for
+from .example import (
+    LETTERS,
+    SKIPPED_NO_IMAGE,
+    ReasoningDataset,
+    ReasoningExample,
+    decode_image,
+    index_for,
+    letter_for,
+)
 from .m3cot import M3COT_COLUMNS, load_m3cot
 from .prompts import (
     IVTLR_IMAGE_SIZE,
@@ -70,6 +78,7 @@ def load_dataset_by_name(
 
 __all__ = [
     "LETTERS",
+    "SKIPPED_NO_IMAGE",
     "ReasoningExample",
     "ReasoningDataset",
     "decode_image",

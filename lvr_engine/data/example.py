@@ -25,6 +25,9 @@ from .parquet import check_columns, find_split_shards, read_parquet_split, rows_
 LETTERS = string.ascii_uppercase
 """Choice letters: choice ``i`` is ``LETTERS[i]`` ("A", "B", ...)."""
 
+SKIPPED_NO_IMAGE = "without an image"
+"""The :attr:`ReasoningDataset.skipped` reason of the rows ``require_image=True`` leaves out."""
+
 
 @dataclass
 class ReasoningExample:
@@ -152,7 +155,9 @@ class ReasoningDataset(Sequence[ReasoningExample]):
 
     ``ds[i]`` converts row ``i`` (decoding its image) on every access; ``ds[a:b]`` returns a list;
     iteration streams the rows. ``hf`` is the underlying ``datasets.Dataset`` (image undecoded), and
-    ``rows[i]`` the index of item ``i`` among the split's rows before any filtering.
+    ``rows[i]`` the index of item ``i`` among the split's rows before any filtering. ``split_rows`` is the
+    number of rows in the split before filtering and ``skipped`` counts the rows left out, by reason
+    (``{"without an image": 12}``), so that ``len(ds) + sum(ds.skipped.values()) == ds.split_rows``.
     """
 
     def __init__(
@@ -164,6 +169,8 @@ class ReasoningDataset(Sequence[ReasoningExample]):
         split: str,
         shards: Sequence[Path],
         rows: Sequence[int] | None = None,
+        split_rows: int | None = None,
+        skipped: Mapping[str, int] | None = None,
     ) -> None:
         self.hf = hf_dataset
         self._convert = convert
@@ -173,6 +180,10 @@ class ReasoningDataset(Sequence[ReasoningExample]):
         self.rows = list(range(len(hf_dataset))) if rows is None else list(rows)
         if len(self.rows) != len(hf_dataset):
             raise ValueError("rows must give one original row index per dataset row")
+        self.skipped = {reason: int(n) for reason, n in (skipped or {}).items() if n}
+        self.split_rows = len(self.rows) + sum(self.skipped.values()) if split_rows is None else int(split_rows)
+        if self.split_rows != len(self.rows) + sum(self.skipped.values()):
+            raise ValueError(f"{self.split_rows} split rows != {len(self.rows)} kept + skipped {self.skipped}")
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -199,23 +210,28 @@ class ReasoningDataset(Sequence[ReasoningExample]):
             yield self._convert(row, original)
 
     def __repr__(self) -> str:
-        return f"ReasoningDataset(name={self.name!r}, split={self.split!r}, rows={len(self)})"
+        skipped = f", skipped={self.skipped}" if self.skipped else ""
+        return f"ReasoningDataset(name={self.name!r}, split={self.split!r}, rows={len(self)}{skipped})"
 
 
 def load_split(data_dir, split: str, *, dataset_name: str, name: str, columns: Sequence[str], row_to_example,
                require_image: bool = False, max_steps: int = 3, cache_dir=None) -> "ReasoningDataset":
     """Shared loader body: find ``<data_dir>/data/<split>-*.parquet``, check ``columns``, read with ``datasets``,
-    optionally keep only rows with an image, and convert rows lazily with
-    ``row_to_example(row, row_index, split=, base_dir=, max_steps=)``."""
+    optionally keep only rows with an image (the others counted in ``skipped["without an image"]``), and
+    convert rows lazily with ``row_to_example(row, row_index, split=, base_dir=, max_steps=)``."""
     import functools
 
     shards = find_split_shards(data_dir, split, dataset_name)
     check_columns(shards, columns, dataset_name)
     ds = read_parquet_split(shards, split, cache_dir)
+    split_rows = len(ds)
     rows = None
+    skipped = {}
     if require_image:
         rows = rows_with_image(ds)
         ds = ds.select(rows)
+        skipped[SKIPPED_NO_IMAGE] = split_rows - len(rows)
     convert = functools.partial(row_to_example, split=split, base_dir=Path(data_dir).expanduser(),
                                 max_steps=max_steps)
-    return ReasoningDataset(ds, convert, name=name, split=split, shards=shards, rows=rows)
+    return ReasoningDataset(ds, convert, name=name, split=split, shards=shards, rows=rows, split_rows=split_rows,
+                            skipped=skipped)

@@ -53,6 +53,7 @@ from ..engine.hf_runner import HFModuleRunner
 from ..engine.runner import DecoderRunner
 from ..models import adapter_for
 from ..models.loading import LVR_CONFIG, load_checkpoint, load_processor_or_tokenizer
+from ..progress import progress_bar
 from .checkpoint import (
     TRAINER_STATE,
     latest_checkpoint,
@@ -418,14 +419,13 @@ class Trainer:
         return result
 
     def _run_stage(self, stage: StagePlan, examples, result: TrainResult) -> None:
-        from tqdm.auto import tqdm
-
         cfg, acc = self.cfg, self.accelerator
         n = len(examples)
         steps_per_epoch = math.ceil((n + (-n) % self.world) / (cfg.batch_size * self.world))
         total = steps_per_epoch * cfg.epochs_per_stage
-        bar = tqdm(total=total, desc=f"stage {stage.index}", disable=not (self.is_main and cfg.progress),
-                   file=sys.stderr, dynamic_ncols=True)
+        # a bar on a terminal; in a log, one line per tenth of the stage with the same numbers
+        bar = progress_bar(total=total, desc=f"stage {stage.index}", unit="step", file=sys.stderr,
+                           disable=not (self.is_main and cfg.progress))
         mirage1 = cfg.objective == "mirage_stage1"
         supervise = cfg.is_mirage and stage.num_latent_steps > 0
         use_markers = stage.num_latent_steps > 0
@@ -476,8 +476,10 @@ class Trainer:
                 global_loss = text_w * ce + (sums[1] / max(n_lat, 1.0) if mirage1 else 0.0)
                 result.losses.append(global_loss)
                 dt = time.perf_counter() - t0
+                # postfix first: the line written at a tenth shows that step's loss and throughput
+                bar.set_postfix({"loss": f"{global_loss:.4f}", "tok/s": f"{n_proc / dt:.0f}" if dt > 0 else "?"},
+                                refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{global_loss:.4f}", refresh=False)
                 if self.global_step % cfg.log_every == 0:
                     row = {"step": self.global_step, "stage": stage.index, "epoch": self.epochs_done,
                            "loss": global_loss, "ce": ce, "lr": lr, "tokens": int(n_proc),
