@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench cuda-check clean
+.PHONY: install test lint gpu-check demo bench cuda-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,15 @@ cuda-check: $(STAMP)
 
 test: install cuda-check
 	$(BIN)/python -m pytest tests -q
+
+# ruff (pyflakes, bugbear, import order, pycodestyle; settings in pyproject.toml [tool.ruff])
+lint: install
+	$(BIN)/ruff check lvr_engine tests benchmarks tools
+
+# On a machine with a CUDA GPU and a CUDA torch (no venv, no network): build in place, CUDA/Triton tests, GPU
+# benchmarks; logs under $$OUT or gpu_check_out/. Without a GPU it says so and exits 0.
+gpu-check:
+	tools/gpu_check.sh
 
 demo: install
 	$(BIN)/lvr demo

@@ -57,7 +57,7 @@ def test_graphs_need_cuda(vlm_qwen2):
         LatentGenerator(vlm_qwen2, LatentConfig(num_selected_patches=2), cuda_graphs=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_graphs_equal_eager_on_gpu(vlm_qwen2):
     model = vlm_qwen2.to("cuda")
     try:

@@ -313,7 +313,7 @@ def test_cuda_topk_order_same_set_as_torch_topk():
         assert tied == sorted(tied) and tied == [i for i in range(40) if x[i] == kth][: len(tied)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks the simulated order against the real one")
+@pytest.mark.cuda  # checks the simulated order against the real one
 def test_cuda_topk_order_is_cudas():
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

@@ -19,6 +19,8 @@ __all__ = ["is_available", "image_attention_scores", "select_and_feedback", "chu
 # memory-bound on GPU, where one reasonable tile per op is within noise of a tuned one.
 _BLOCK_N = 64
 _BLOCK_I = 128
+# Chunk queries per program: a longer chunk runs as ceil(C / _QUERY_BLOCK) query blocks (grid axis 2).
+_QUERY_BLOCK = 128
 _NUM_WARPS = 4
 
 
@@ -95,26 +97,25 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
 
     Causal attention of the chunk; if scores (B,I) float32 is given, adds the last query's
     probabilities on image_slots (B,I) summed over heads, each rounded to ``prob_dtype`` first (out does not
-    depend on it).
+    depend on it). Any C: the queries run in blocks of at most _QUERY_BLOCK, one program per (b, h, block).
     """
     _check_common(q, k_cache, seq_lens, "k_cache")
     prob_round = prob_rounding_code(prob_dtype)
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError("v_cache must match k_cache in shape and dtype")
     B, C, H, D = q.shape
-    if C > 128:
-        raise ValueError(f"chunk length C={C} exceeds the kernel's 128-query tile")
     has_scores = scores is not None and image_slots is not None and image_slots.shape[1] > 0
     q, k_cache, v_cache = _rows(q), _rows(k_cache), _rows(v_cache)
     # The interpreter truncates fp32 -> bf16/fp16 on store instead of rounding to nearest: there
     # the kernel writes fp32 and torch rounds. On GPU the kernel stores q's dtype directly.
     store_fp32 = _interpreting() and q.dtype != torch.float32
     out = torch.empty(B, C, H, D, dtype=torch.float32 if store_fp32 else q.dtype, device=q.device)
-    if B == 0:
+    if B == 0 or C == 0:
         return out.to(q.dtype)
     slots = image_slots if has_scores else seq_lens  # any valid pointers: never read without scores
     sc = scores if has_scores else out
-    _k()._chunk_attention_kernel[(B, H)](
+    block_c = min(_pow2(C), _QUERY_BLOCK)
+    _k()._chunk_attention_kernel[(B, H, -(-C // block_c))](
         q, k_cache, v_cache, out, seq_lens, slots, sc, float(scale),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -122,7 +123,7 @@ def chunk_attention_with_scores(q, k_cache, v_cache, seq_lens, image_slots, scor
         out.stride(0), out.stride(1), out.stride(2),
         slots.stride(0), slots.stride(-1), sc.stride(0), sc.stride(1),
         C, image_slots.shape[1] if has_scores else 0, H // k_cache.shape[1], D,
-        HAS_SCORES=has_scores, BLOCK_C=_pow2(C), BLOCK_N=_BLOCK_N if C <= 32 else 32, BLOCK_D=_pow2(D),
+        HAS_SCORES=has_scores, BLOCK_C=block_c, BLOCK_N=_BLOCK_N if block_c <= 32 else 32, BLOCK_D=_pow2(D),
         BLOCK_I=_BLOCK_I, PROB_ROUND=prob_round if has_scores else 0, num_warps=_NUM_WARPS,
     )
     return out.to(q.dtype) if store_fp32 else out

@@ -87,18 +87,22 @@ def _chunk_attention_kernel(
     HAS_SCORES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_I: tl.constexpr, PROB_ROUND: tl.constexpr,
 ):
-    """Causal attention of the C chunk queries of (b, h) over the row's cache, online softmax.
+    """Causal attention of chunk queries [c0, c0 + BLOCK_C) of (b, h) over the row's cache, online softmax;
+    program (b, h, j) takes query block c0 = j * BLOCK_C, so a chunk of any length C runs as ceil(C / BLOCK_C)
+    blocks.
 
-    Query c sits at slot L - C + c. With HAS_SCORES the last query's probabilities on the image
-    slots are added to scores[b, :]: a second, short pass recomputes only those logits and divides
-    by the final normaliser, so they are exact rather than rescaled block by block; each is rounded as
-    PROB_ROUND says (_round_prob) before it is added.
+    Query c sits at slot L - C + c; a block reads keys only up to its last query's slot. With HAS_SCORES
+    the block holding query C - 1 adds that query's probabilities on the image slots to scores[b, :]: a
+    second, short pass recomputes only those logits and divides by the final normaliser, so they are
+    exact rather than rescaled block by block; each is rounded as PROB_ROUND says (_round_prob) before
+    it is added.
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
+    c0 = tl.program_id(2) * BLOCK_C
     kvh = h // GROUP
     L = tl.load(LENS + b).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     cmask = offs_c < C
@@ -111,7 +115,8 @@ def _chunk_attention_kernel(
     m = tl.full([BLOCK_C], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_C], tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    for start in range(0, L, BLOCK_N):
+    hi = tl.minimum(L, L - C + c0 + BLOCK_C)  # keys past the block's last query are masked for all its rows
+    for start in range(0, hi, BLOCK_N):
         n = start + offs_n
         nmask = n < L
         kv_mask = nmask[:, None] & dmask[None, :]
@@ -132,21 +137,22 @@ def _chunk_attention_kernel(
     tl.store(O + b * sob + offs_c[:, None] * soc + h * soh + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=cmask[:, None] & dmask[None, :])
     if HAS_SCORES:
-        is_last = offs_c == C - 1
-        m_last = tl.sum(tl.where(is_last, m, 0.0), axis=0)
-        l_last = tl.sum(tl.where(is_last, l, 0.0), axis=0)
-        q_last = tl.sum(tl.where(is_last[:, None], q, 0.0), axis=0)
-        offs_i = tl.arange(0, BLOCK_I)
-        for i0 in range(0, I, BLOCK_I):
-            ii = i0 + offs_i
-            imask = ii < I
-            slot = tl.load(SLOTS + b * ssb + ii * ssi, mask=imask, other=-1).to(tl.int64)
-            valid = imask & (slot >= 0) & (slot < L)
-            kk = tl.load(k_base + slot[:, None] * sks + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32)
-            logit = tl.sum(kk * q_last[None, :], axis=1)
-            p_img = _round_prob(tl.exp(logit - m_last) / l_last, PROB_ROUND)
-            tl.atomic_add(SCORES + b * scb + ii * sci, p_img, mask=valid)
+        if c0 + BLOCK_C >= C:  # only the block that holds the chunk's last query
+            is_last = offs_c == C - 1
+            m_last = tl.sum(tl.where(is_last, m, 0.0), axis=0)
+            l_last = tl.sum(tl.where(is_last, l, 0.0), axis=0)
+            q_last = tl.sum(tl.where(is_last[:, None], q, 0.0), axis=0)
+            offs_i = tl.arange(0, BLOCK_I)
+            for i0 in range(0, I, BLOCK_I):
+                ii = i0 + offs_i
+                imask = ii < I
+                slot = tl.load(SLOTS + b * ssb + ii * ssi, mask=imask, other=-1).to(tl.int64)
+                valid = imask & (slot >= 0) & (slot < L)
+                kk = tl.load(k_base + slot[:, None] * sks + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                             other=0.0).to(tl.float32)
+                logit = tl.sum(kk * q_last[None, :], axis=1)
+                p_img = _round_prob(tl.exp(logit - m_last) / l_last, PROB_ROUND)
+                tl.atomic_add(SCORES + b * scb + ii * sci, p_img, mask=valid)
 
 
 @triton.jit
