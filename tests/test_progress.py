@@ -35,7 +35,7 @@ def test_lines_per_tenth_with_the_numbers(n):
     # one line per tenth crossed: at the first step reaching k/10 of the work, k = 1..10 (fewer when n < 10)
     expected_steps = sorted({math.ceil(n * k / 10) for k in range(1, 11)})
     assert len(lines) == len(expected_steps)
-    for line, step in zip(lines, expected_steps):
+    for line, step in zip(lines, expected_steps, strict=True):
         m = LINE.match(line)
         assert m, line
         pct, done, total, loss = int(m[1]), int(m[2]), int(m[3]), float(m[4])
