@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from benchmarks.baselines import published_latent_generate
@@ -115,7 +114,7 @@ def _check_results(results: Path, stdout: str, model_dir: Path, examples, gold: 
                      template=meta.get("template", "ivtlr"), image_size=meta.get("image_size"))
     rows = [json.loads(l) for l in results.read_text().splitlines()]
     assert [r["id"] for r in rows] == [ex.id for ex in examples]
-    for r, ex, (toks, text) in zip(rows, examples, ref):
+    for r, ex, (toks, text) in zip(rows, examples, ref, strict=True):
         assert set(r) == {"id", "prediction", "extracted", "answer", "correct", "steps", "ms"}
         assert r["prediction"] == text, f"{r['id']}: eval wrote {r['prediction']!r}, published decode {text!r}"
         assert r["steps"] == len(toks) + N, (r["id"], r["steps"], toks)

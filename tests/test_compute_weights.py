@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 
-from lvr_engine import ops
-from lvr_engine import LatentConfig, LatentGenerator
-from lvr_engine.engine.weights import auto_compute_dtype, compute_weights, cpu_has_native_bf16
+from lvr_engine import LatentConfig, LatentGenerator, ops
+from lvr_engine.engine.weights import auto_compute_dtype, compute_weights
 from tiny_models import make_batch, tiny_vlm
 
 ROWS = [(5, (8, 8), 7), (9, (6, 8), 3)]

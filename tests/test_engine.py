@@ -1,6 +1,7 @@
 """LatentGenerator vs the published algorithm (benchmarks/baselines.py): identical tokens and selections."""
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -27,7 +28,7 @@ def _reference(model, pieces, cfg, max_new_tokens):
 
 
 def _check_rows(out, ref_toks, ref_sels, pad_id=0):
-    for b, (t, s) in enumerate(zip(ref_toks, ref_sels)):
+    for b, (t, s) in enumerate(zip(ref_toks, ref_sels, strict=True)):
         got = out.sequences[b].tolist()
         assert got[: len(t)] == t, f"row {b}: engine {got} vs published {t}"
         assert all(x == pad_id for x in got[len(t):]), f"row {b} not padded after EOS: {got}"
@@ -183,8 +184,13 @@ def test_vision_tower_groups_equal_one_call(vlm_qwen2, monkeypatch):
     monkeypatch.setattr(q, "VISION_GROUP_PATCHES", 100)  # 64-, 48- and 80-patch images: one per group
     grouped = adapter.encode_images(batch["pixel_values"], batch["image_grid_thw"])
     assert [g.shape for g in grouped] == [w.shape for w in whole] == [(16, 64), (12, 64), (20, 64)]
-    for g, w in zip(grouped, whole):
+    for g, w in zip(grouped, whole, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _recording_linear(seen, x, w, b):
+    seen.append((w.shape[0], x.reshape(-1, x.shape[-1]).shape[0]))
+    return torch.nn.functional.linear(x, w, b)
 
 
 def test_mlp_in_chunks_equals_float64_swiglu(monkeypatch):
@@ -209,12 +215,8 @@ def test_mlp_in_chunks_equals_float64_swiglu(monkeypatch):
 
     for chunk, rows in [(16, [16] * 6 + [15]), (10 ** 6, [111])]:
         monkeypatch.setattr(runner_mod, "MLP_CHUNK_TOKENS", chunk)
-        seen = []
-
-        def linear(x, w, b):
-            seen.append((w.shape[0], x.reshape(-1, x.shape[-1]).shape[0]))
-            return F.linear(x, w, b)
-
+        seen = []  # (output features, rows) of every projection
+        linear = functools.partial(_recording_linear, seen)
         got = runner_mod._mlp_in_chunks(h, m, linear)
         assert got.shape == (3, 37, hidden)
         assert [n for out, n in seen if out == 2 * inter] == rows and [n for out, n in seen if out == hidden] == rows

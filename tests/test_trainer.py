@@ -184,7 +184,8 @@ def test_stage_batches(tiny, examples, tmp_path, monkeypatch):
             assert b.target_mask[r].tolist() == sorted(b.target_mask[r].tolist(), reverse=True)
     d = collate(examples, proc, 2, mode="direct")
     assert d.num_latent_steps == 0
-    assert tok.decode(d.target_ids[0][d.target_mask[0]][:-1].tolist()) == f"Therefore, the answer is {examples[0].answer}"
+    answer = tok.decode(d.target_ids[0][d.target_mask[0]][:-1].tolist())
+    assert answer == f"Therefore, the answer is {examples[0].answer}"
     # prompts are left-padded, end with the assistant turn
     assert (d.attention_mask[:, -1] == 1).all()
 

@@ -69,12 +69,13 @@ def test_loss_and_grads_match_recompute(model64, s, K, detach, markers, position
                          num_selected_patches=K, start_marker_id=start, end_marker_id=end,
                          position_mode=position_mode, detach_latents=detach, supervise_markers=supervise)
     assert out.num_tokens == n_ref
-    torch.testing.assert_close(out.loss, (ce_ref / n_ref).detach(), rtol=1e-7, atol=1e-9)  # HF and we both normalise in fp32
+    # HF and we both normalise in fp32
+    torch.testing.assert_close(out.loss, (ce_ref / n_ref).detach(), rtol=1e-7, atol=1e-9)
     out.loss.backward()
     got = _grads(model64)
     assert set(got) == set(ref_grads)
     for name, g in ref_grads.items():
-        err = (got[name] - g).abs().max().item(); scale = g.abs().max().item()
+        err, scale = (got[name] - g).abs().max().item(), g.abs().max().item()
         assert err <= 1e-5 * scale + 1e-9, f"gradient of {name}: max err {err:.3e}, max |g| {scale:.3e}"
     assert out.selected.shape == (3, s, K if s > 0 else 0)
 
