@@ -88,7 +88,8 @@ def test_fp32_vision_copy_follows_weight_updates():
     assert not torch.allclose(torch.cat(before), torch.cat(after))
 
 
-# The policy, written out: (model dtype, device, CPU has native bf16) -> compute dtype.
+# The policy, written out: (model dtype, device type, CPU has native bf16) -> compute dtype. (The parameter is not
+# called `device`: tests/conftest.py marks device="cuda" cases as needing a GPU, and these only name the type.)
 POLICY = [
     (torch.float32, "cpu", False, torch.float32), (torch.float32, "cpu", True, torch.float32),
     (torch.bfloat16, "cpu", False, torch.float32), (torch.bfloat16, "cpu", True, torch.bfloat16),
@@ -97,15 +98,15 @@ POLICY = [
 ]
 
 
-@pytest.mark.parametrize("model_dtype,device,native,want", POLICY)
-def test_auto_compute_dtype_policy(model_dtype, device, native, want, monkeypatch):
+@pytest.mark.parametrize("model_dtype,device_type,native,want", POLICY)
+def test_auto_compute_dtype_policy(model_dtype, device_type, native, want, monkeypatch):
     """Half-precision models compute in fp32 on CPUs without native bf16 arithmetic, in their own dtype
     elsewhere; fp32 models in fp32. The generator's compute_dtype="auto" follows it on CPU."""
     import lvr_engine.engine.weights as weights_mod
 
     monkeypatch.setattr(weights_mod, "cpu_has_native_bf16", lambda: native)
-    assert auto_compute_dtype(model_dtype, torch.device(device)) == want
-    if device == "cpu" and model_dtype != torch.float16:
+    assert auto_compute_dtype(model_dtype, torch.device(device_type)) == want
+    if device_type == "cpu" and model_dtype != torch.float16:
         gen = LatentGenerator(tiny_vlm(seed=11, dtype=model_dtype), LatentConfig(num_latent_steps=0))
         assert gen.runner.compute_dtype == want
 
