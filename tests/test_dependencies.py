@@ -80,10 +80,12 @@ def test_demo_without_matplotlib_names_the_extra_and_carries_on(tmp_path, monkey
 def test_lora_without_peft_names_the_extra(tmp_path, monkeypatch, capsys):
     from lvr_engine.cli import main
 
+    assert main(["tiny-model", str(tmp_path / "model"), "--hidden-size", "32", "--num-layers", "1",
+                 "--vision-depth", "1", "--vision-embed-dim", "32", "--image-size", "56"]) == 0
     monkeypatch.setitem(sys.modules, "peft", None)  # importlib.util.find_spec("peft") -> None
-    (tmp_path / "model").mkdir()
+    capsys.readouterr()
     assert main(["train", "--model", str(tmp_path / "model"), "--dataset", "synthetic", "--output",
-                 str(tmp_path / "out"), "--lora-r", "4"]) == 2
+                 str(tmp_path / "out"), "--lora-r", "4", "--limit", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--lora-r needs peft" in err and "pip install 'lvr_engine[lora]'" in err
 
