@@ -228,7 +228,7 @@ class DecoderRunner:
             if last_token:
                 q = q[:, -1:]
             o = ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
-                                                backend=self.backend)
+                                                prob_dtype=ctx.prob_dtype, backend=self.backend)
             return self._linear(o.reshape(B, -1, H * D), m.o, m.o_b)
         if m is not None:
             nq, nk = H * D, Hkv * D
@@ -272,7 +272,8 @@ class DecoderRunner:
             else:
                 kc, vc = cache.write_chunk(i, k, v, ctx.slots)
             return ops.chunk_attention_with_scores(_last_rows(q, ctx), kc, vc, ctx.new_lens, ctx.image_slots,
-                                                   ctx.scores, self.scale, backend=self.backend)
+                                                   ctx.scores, self.scale, prob_dtype=ctx.prob_dtype,
+                                                   backend=self.backend)
         if ctx.mode == "prefill":
             cache.write_prompt(i, k, v)
             o = F.scaled_dot_product_attention(
@@ -284,7 +285,7 @@ class DecoderRunner:
                 with torch.no_grad():
                     q_last = q[torch.arange(B, device=q.device), ctx.new_lens - 1].detach()  # (B,H,D)
                     ops.image_attention_scores(q_last, kc.detach(), ctx.new_lens, ctx.image_slots, ctx.scores,
-                                               self.scale, backend=self.backend)
+                                               self.scale, prob_dtype=ctx.prob_dtype, backend=self.backend)
             return o
         kc, vc = cache.write_chunk(i, k, v, ctx.slots)
         if ctx.mask is not None:  # autograd on: SDPA (differentiable) + the score op on the side
@@ -296,10 +297,10 @@ class DecoderRunner:
             if ctx.scores is not None:
                 with torch.no_grad():
                     ops.image_attention_scores(q[:, -1].detach(), kc.detach(), ctx.new_lens, ctx.image_slots,
-                                               ctx.scores, self.scale, backend=self.backend)
+                                               ctx.scores, self.scale, prob_dtype=ctx.prob_dtype, backend=self.backend)
             return o
         return ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
-                                               backend=self.backend)
+                                               prob_dtype=ctx.prob_dtype, backend=self.backend)
 
     def logits(self, hidden: torch.Tensor, weights=_RESOLVE) -> torch.Tensor:
         """(..., h) final-norm hidden states -> (..., V) logits. ``weights`` as in prefill."""
