@@ -82,8 +82,7 @@ def latent_block(seg: LatentSegment, h_last: torch.Tensor, out: torch.Tensor | N
     block is a differentiable gather of the image embeddings plus h_last, and ``out`` is not used.
     """
     if seg.score_mean is not None and seg.k > 0:  # the official mean over layers x heads, in the model's dtype
-        terms, dtype = seg.score_mean
-        seg.scores.copy_((seg.scores / terms).to(dtype))
+        seg.scores.copy_(ops.mean_scores_in_dtype(seg.scores, *seg.score_mean))
     grad = torch.is_grad_enabled() and (h_last.requires_grad or seg.image_embeds.requires_grad)
     if not grad:
         if out is None:
