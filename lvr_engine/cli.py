@@ -19,7 +19,7 @@ from typing import Sequence
 from .data.example import SKIPPED_NO_IMAGE
 from .progress import is_terminal
 
-DATASETS = ("m3cot", "scienceqa", "synthetic")
+DATASETS = ("m3cot", "scienceqa", "synthetic", "vsp")
 
 
 class CLIError(Exception):
@@ -120,7 +120,8 @@ def add_train(sub) -> None:
                        description="Train a VLM to reason in latent space; checkpoints land in --output.")
     p.add_argument("--model", required=True, help="local checkpoint directory to start from")
     p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-dir", help="dataset directory (Hugging Face parquet layout); ignored for synthetic")
+    p.add_argument("--data-dir", help="dataset directory (Hugging Face parquet layout; vsp: Mirage's "
+                                      "<split>_direct.jsonl); ignored for synthetic")
     p.add_argument("--split", default="train")
     p.add_argument("--output", required=True, help="output directory (final model at top level)")
     p.add_argument("--objective", default="ivtlr", choices=("ivtlr", "coconut", "mirage_stage1", "mirage_stage2"))
@@ -142,8 +143,12 @@ def add_train(sub) -> None:
     p.add_argument("--detach-latents", action="store_true", help="no gradient through fed-back hidden states")
     p.add_argument("--position-mode", default="mrope", choices=("mrope", "arange"))
     p.add_argument("--no-markers", action="store_true", help="no start/end latent marker tokens")
-    p.add_argument("--template", default="ivtlr")
+    p.add_argument("--template", default=None, help="prompt template (default: mirage for vsp, else ivtlr)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this side first (IVT-LR: 280)")
+    p.add_argument("--train-vision", action="store_true", default=None,
+                   help="train the vision tower too (Mirage freezes it; the other objectives train it anyway)")
+    p.add_argument("--max-latent-steps", type=int, default=8,
+                   help="Mirage: cap on latent steps per segment at inference, written to lvr_config.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use the first N training examples")
     p.add_argument("--log-every", type=int, default=1)
@@ -203,7 +208,8 @@ def cmd_train(args, argv) -> int:
             gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
             lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=tuple(args.lora_target))
             if args.lora_r > 0 else None,
-            stop_after_stage=args.stop_after_stage, progress=not args.no_progress)
+            stop_after_stage=args.stop_after_stage, progress=not args.no_progress,
+            train_vision=args.train_vision, max_latent_steps=args.max_latent_steps)
         trainer = Trainer(cfg)
         try:
             result = trainer.train(resume=args.resume)
@@ -238,7 +244,11 @@ def add_eval(sub) -> None:
                         "official IVT-LR inference prompt (280x280 image, three <|latent|> placeholders)")
     p.add_argument("--image-only", choices=("auto", "yes", "no"), default="auto",
                    help="evaluate only questions with an image (auto: when latent steps select patches)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic test set seed")
+    p.add_argument("--seed", type=int, default=0, help="synthetic test set seed; the sampling seed with --do-sample")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (Mirage's test script "
+                                                             "samples: --temperature 0.7 --top-p 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -275,13 +285,14 @@ def cmd_eval(args, argv) -> int:
     def write(row):
         if out_f is not None:
             out_f.write(json.dumps({k: row[k] for k in ("id", "prediction", "extracted", "answer", "correct",
-                                                       "steps", "ms")}) + "\n")
+                                                       "invalid", "steps", "ms") if k in row}) + "\n")
             out_f.flush()
 
     try:
         res = evaluate(args.model, loaded.examples, args.mode, dataset=args.dataset, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, judge=args.judge, template=args.template,
-                       progress=not args.no_progress, on_row=write)
+                       progress=not args.no_progress, on_row=write, do_sample=args.do_sample,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed if args.do_sample else None)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from None
     finally:
@@ -292,6 +303,10 @@ def cmd_eval(args, argv) -> int:
     print(f"accuracy: {s['accuracy']:.4f} ({s['correct']}/{s['num_questions']})  mean steps: {s['mean_steps']:.2f}"
           f"  ms/question: {s['ms_per_question']:.1f}  [mode={s['mode']}, latent steps={s['num_latent_steps']}, "
           f"K={s['num_selected_patches']}]")
+    if "invalid" in s:  # VSP: success = reached the goal; invalid = no (or an empty) boxed answer
+        n = s["num_questions"]
+        print(f"success rate: {s['accuracy']:.4f} ({s['correct']}/{n})  invalid rate: {s['invalid_rate']:.4f} "
+              f"({s['invalid']}/{n})")
     return 0
 
 

@@ -26,8 +26,8 @@ import torch
 from .data import SCORERS
 from .data.example import LETTERS, ReasoningExample
 from .data.prompts import get_template
-from .data.scoring import (JUDGES, extract_ivtlr_scienceqa_index, extract_m3cot_answer, ivtlr_infer_candidates,
-                           ivtlr_m3cot_candidates, score_m3cot)
+from .data.scoring import (JUDGES, extract_boxed, extract_ivtlr_scienceqa_index, extract_m3cot_answer,
+                           ivtlr_infer_candidates, ivtlr_m3cot_candidates, score_m3cot, vsp_outcome)
 from .engine.config import LatentConfig
 from .engine.generator import LatentGenerator
 from .training.collate import encode_prompts
@@ -68,6 +68,8 @@ def _scorer_for(dataset: str | None, examples) -> tuple[str, Callable]:
 
 
 def _extract(pred: str, ex: ReasoningExample, dataset: str, judge: str) -> str | None:
+    if dataset == "vsp":  # the last boxed answer (its U/D/L/R moves are walked on the map)
+        return extract_boxed(pred)
     if judge == "ivtlr_infer":
         return ",".join(sorted(ivtlr_infer_candidates(pred))) or None
     if judge == "ivtlr":
@@ -121,7 +123,8 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
              batch_size: int = 8, max_new_tokens: int = 256, judge: str = "m3cot",
              latent_config: LatentConfig | None = None, template: str | None = None, image_size=None,
              device=None, dtype=None, progress: bool = False,
-             on_row: Callable[[dict], None] | None = None) -> EvalResult:
+             on_row: Callable[[dict], None] | None = None, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int | None = None) -> EvalResult:
     """Decode and score ``examples``.
 
     ``model``: a checkpoint directory (``lvr train`` output, or any supported checkpoint with
@@ -130,7 +133,10 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
     :data:`~lvr_engine.data.scoring.JUDGES`; ``"ivtlr_infer"`` judges each row's prompt and output decoded
     together, as the official IVT-LR inference does. ``template`` defaults to the one the model was trained
     with; ``image_size`` to the template's own, else the model's. ``on_row(row)`` is called per question as
-    soon as its batch is done.
+    soon as its batch is done. ``do_sample``/``temperature``/``top_p``/``seed``: sampling (Mirage's test script
+    samples at 0.7 / 0.9); batch i samples with seed ``seed + i``, so a run is reproducible per seed.
+    ``dataset="vsp"`` (Mirage's spatial planning): a row is correct when its last boxed answer walks to the goal
+    and *invalid* when it has no boxed answer or an empty one (``summary["invalid"]``, ``"invalid_rate"``).
 
     Returns :class:`EvalResult`: ``summary`` {accuracy, correct, num_questions, mean_steps, ms_per_question,
     mode, num_latent_steps, num_selected_patches, ...} and one row per question {id, prediction,
@@ -146,7 +152,8 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
     if n == 0:
         raise ValueError("no examples to evaluate")
     gen, meta = _generator(model, mode, latent_config, device, dtype)
-    template = template or meta.get("template") or "ivtlr"
+    ds_name, scorer = _scorer_for(dataset, examples)
+    template = template or meta.get("template") or ("mirage" if ds_name == "vsp" else "ivtlr")
     if image_size is None:
         image_size = get_template(template).image_size or meta.get("image_size")
     cfg = gen.config
@@ -154,7 +161,6 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
     K = cfg.num_selected_patches if N else 0
     if mode == "direct":
         max_new_tokens = min(max_new_tokens, DIRECT_MAX_NEW_TOKENS)
-    ds_name, scorer = _scorer_for(dataset, examples)
     eos = gen.adapter.eos_token_ids
     tok = getattr(gen.processor, "tokenizer", gen.processor)
 
@@ -171,7 +177,9 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
                                  "image; evaluate image questions only (require_image=True when loading)")
         prompt = encode_prompts(batch, gen.processor, template=template, image_size=image_size)
         t0 = time.perf_counter()
-        out = gen.generate(**prompt.model_inputs(), max_new_tokens=max_new_tokens)
+        out = gen.generate(**prompt.model_inputs(), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature, top_p=top_p,
+                           seed=None if seed is None else seed + start // batch_size)
         ms = (time.perf_counter() - t0) * 1000 / len(batch)
         passes += out.stats.forward_passes
         lengths = _row_lengths(out.sequences, eos)
@@ -185,6 +193,8 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
             row = {"id": ex.id, "prediction": pred, "extracted": _extract(judged, ex, ds_name, judge),
                    "answer": ex.answer, "correct": bool(scorer(judged, ex, judge=judge)),
                    "steps": lengths[b] + N, "ms": ms}
+            if ds_name == "vsp":
+                row["invalid"] = vsp_outcome(judged, ex.metadata["map_desc"]).invalid
             rows.append(row)
             correct += row["correct"]
             if on_row is not None:
@@ -197,7 +207,10 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
         "mean_steps": sum(r["steps"] for r in rows) / len(rows),
         "ms_per_question": sum(r["ms"] for r in rows) / len(rows),
         "mode": mode, "dataset": ds_name, "judge": judge, "num_latent_steps": N, "num_selected_patches": K,
-        "trigger": cfg.trigger, "forward_passes": passes,
+        "trigger": cfg.trigger, "forward_passes": passes, "do_sample": do_sample,
         "model": os.fspath(model) if not isinstance(model, LatentGenerator) else None,
     }
+    if ds_name == "vsp":
+        summary["invalid"] = sum(r["invalid"] for r in rows)
+        summary["invalid_rate"] = summary["invalid"] / len(rows)
     return EvalResult(summary, rows)

@@ -268,7 +268,7 @@ def test_mirage_stages(tiny, examples, tmp_path):
     row = json.loads((tmp_path / "mirage" / "train_log.jsonl").read_text().splitlines()[0])
     assert 0 <= row["latent_cos"] <= 2 and row["loss"] == pytest.approx(row["latent_cos"] + 0.1 * row["ce"])
     meta = json.loads((tmp_path / "mirage" / "lvr_config.json").read_text())
-    assert meta["latent_config"]["trigger"] == "token" and meta["latent_config"]["max_latent_steps"] == 2
+    assert meta["latent_config"]["trigger"] == "token" and meta["latent_config"]["max_latent_steps"] == 8
 
     initial = load_file(Path(tiny) / "model.safetensors")
     saved = load_file(tmp_path / "mirage" / "model.safetensors")
@@ -279,7 +279,7 @@ def test_mirage_stages(tiny, examples, tmp_path):
     batch = collate(examples[:2], load_processor_or_tokenizer(tiny), 0)
     trained = _plain_logits(tr.accelerator.unwrap_model(tr.module).model, batch)
     gen = LatentGenerator.from_pretrained(tmp_path / "mirage")
-    assert gen.config.trigger == "token" and gen.config.max_latent_steps == 2
+    assert gen.config.trigger == "token" and gen.config.max_latent_steps == 8
     torch.testing.assert_close(_plain_logits(gen.model, batch), trained, rtol=1e-5, atol=1e-5)
     before = _plain_logits(Qwen2VLForConditionalGeneration.from_pretrained(tiny), batch)
     assert (before - trained).abs().max() > 1e-3  # ... and those are not the untrained model's logits

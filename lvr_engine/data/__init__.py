@@ -1,4 +1,5 @@
-"""Benchmark data: M3CoT and ScienceQA loaders, rationale steps, prompts, answer scoring.
+"""Benchmark data: M3CoT and ScienceQA loaders, Mirage's jsonl format and VSP, rationale steps, prompts, answer
+scoring.
 
 Importing this package is light (PIL only): ``datasets``/``pyarrow`` are imported when a split is
 loaded, and torch never.
@@ -24,6 +25,7 @@ from .example import (
     letter_for,
 )
 from .m3cot import M3COT_COLUMNS, load_m3cot
+from .mirage import MirageDataset, MirageExample, load_mirage_jsonl, load_vsp
 from .prompts import (
     IVTLR_IMAGE_SIZE,
     PROMPT_TEMPLATES,
@@ -45,18 +47,22 @@ from .scoring import (
     ivtlr_m3cot_candidates,
     score_m3cot,
     score_scienceqa,
+    score_vsp,
+    vsp_outcome,
 )
 from .steps import merge_into_steps, split_rationale, split_sentences
 
 DATASET_LOADERS: dict[str, Callable[..., ReasoningDataset]] = {
     "m3cot": load_m3cot,
     "scienceqa": load_scienceqa,
+    "vsp": load_vsp,
 }
 """Loaders by dataset name, for :func:`load_dataset_by_name`."""
 
 SCORERS: dict[str, Callable[..., bool]] = {
     "m3cot": score_m3cot,
     "scienceqa": score_scienceqa,
+    "vsp": score_vsp,
 }
 """The per-example scorer of each dataset: ``SCORERS[name](pred_text, example, judge=...) -> bool``."""
 
@@ -64,7 +70,7 @@ SCORERS: dict[str, Callable[..., bool]] = {
 def load_dataset_by_name(
     name: str, data_dir: str | os.PathLike, split: str = "train", **kwargs
 ) -> ReasoningDataset:
-    """Load ``split`` of the dataset ``name`` ("m3cot" or "scienceqa", any case) from ``data_dir``.
+    """Load ``split`` of the dataset ``name`` ("m3cot", "scienceqa" or "vsp", any case) from ``data_dir``.
 
     Returns the loader's lazy :class:`ReasoningDataset`; ``kwargs`` go to the loader
     (``require_image``, ``max_steps``, ``cache_dir``). ``ValueError`` listing the known names when
@@ -109,6 +115,12 @@ __all__ = [
     "extract_ivtlr_scienceqa_index",
     "score_m3cot",
     "score_scienceqa",
+    "MirageExample",
+    "MirageDataset",
+    "load_mirage_jsonl",
+    "load_vsp",
+    "score_vsp",
+    "vsp_outcome",
     "accuracy",
     "accuracy_by",
 ]

@@ -36,6 +36,12 @@ in a chat turn after the image resized to 280x280, rendered with the generation 
 consumes these placeholders as the latent steps). Its answers are judged with ``judge="ivtlr_infer"``
 (:mod:`lvr_engine.data.scoring`).
 
+``"mirage"`` is the prompt of Mirage's checkpoints (UMass-Embodied-AGI/Mirage ``src/test.py``): the question's
+``text_input`` verbatim with each image where its ``<image>`` stands (images first when the text has none), the
+chat template without a generation prompt, then ``<|im_start|>assistant`` with no newline. Its target (Mirage's
+training sequence) is ``"\\n"`` + ``text_output`` verbatim + the end-of-turn token + ``"\\n"``; the latents go where
+``text_output`` has ``<output_image>`` (the trainer's business, training/mirage.py).
+
 Templates live in :data:`PROMPT_TEMPLATES`; add your own with :func:`register_template`.
 """
 
@@ -84,6 +90,11 @@ class PromptTemplate:
             generation prompt), e.g. the official IVT-LR ``<|latent|>`` placeholders.
         image_size: the side every image is resized to (bicubic) when the caller gives none;
             ``None`` leaves the processor's own resizing.
+        image_placeholder: each image goes where this string stands in the user text (in order; images first
+            when the text has none); ``None``: images first (IVT-LR).
+        add_generation_prompt: render the chat template with the assistant's generation prompt.
+        target_prefix: text the target starts with (Mirage: ``"\\n"``, the newline after ``assistant``).
+        target_suffix: text after the end-of-turn token of the target (Mirage: ``"\\n"``).
     """
 
     name: str
@@ -96,6 +107,10 @@ class PromptTemplate:
     strip: bool = True
     generation_suffix: str = ""
     image_size: int | None = None
+    image_placeholder: str | None = None
+    add_generation_prompt: bool = True
+    target_prefix: str = ""
+    target_suffix: str = ""
 
 
 class Target(NamedTuple):
@@ -142,12 +157,25 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
         generation_suffix="<|latent|>" * 3,
         image_size=IVTLR_IMAGE_SIZE,
     ),
+    "mirage": PromptTemplate(
+        name="mirage",
+        prompt="{question}",
+        option="",
+        strip=False,
+        answer="",
+        generation_suffix="<|im_start|>assistant",
+        image_placeholder="<image>",
+        add_generation_prompt=False,
+        target_prefix="\n",
+        target_suffix="\n",
+    ),
 }
 """Registered templates by name: ``"ivtlr"`` (default, IVT-LR's training format),
 ``"ivtlr_context"`` (plus a ``[Context]:{...}`` line when the example has context),
 ``"ivtlr_scienceqa"`` (IVT-LR's ScienceQA target, the 0-based answer index instead of the letter),
 ``"ivtlr_infer"`` (the official M3CoT inference prompt of the released checkpoints: ``A.{...}`` options, ends
-at ``Answer:``, images 280x280, three ``<|latent|>`` placeholders after the generation prompt)."""
+at ``Answer:``, images 280x280, three ``<|latent|>`` placeholders after the generation prompt), ``"mirage"``
+(Mirage's prompt: ``text_input`` verbatim with images at ``<image>``, ends with ``<|im_start|>assistant``)."""
 
 
 def register_template(template: PromptTemplate, overwrite: bool = False) -> PromptTemplate:
@@ -209,12 +237,20 @@ def format_target(
     e.g. ``"Therefore, the answer is B"``; the EOS token is not included. How many latent
     positions the trainer inserts for a stage (IVT-LR: the stage number, even when the example has
     fewer steps) is not decided here.
+
+    A free-form example (one with a ``target_text``, e.g. :class:`~lvr_engine.data.mirage.MirageExample`) has
+    ``Target([], target_text)`` verbatim in either mode; ``ValueError`` when its ``target_text`` is None (a test
+    row). The template's ``target_prefix``/``target_suffix`` are added by the collator, not here.
     """
     if num_latent_steps_replaced < 0:
         raise ValueError(f"num_latent_steps_replaced must be >= 0, got {num_latent_steps_replaced}")
     if mode not in ("cot", "direct"):
         raise ValueError(f"mode must be 'cot' or 'direct', got {mode!r}")
     t = get_template(template)
+    if hasattr(example, "target_text"):
+        if example.target_text is None:
+            raise ValueError(f"example {example.id!r} has no target text (a test row): nothing to train on")
+        return Target(steps=[], answer=example.target_text)
     if mode == "direct":
         steps: list[str] = []
     else:
@@ -230,29 +266,45 @@ def chat_messages(
     prompt_text: str,
     image_size: int | tuple[int, int] | None = None,
     system: str | None = None,
+    image_placeholder: str | None = None,
 ) -> list[dict[str, Any]]:
     """Return the Qwen2-VL chat message list for ``processor.apply_chat_template``.
 
     One user turn: ``{"type": "image", "image": <PIL image>}`` (left out when ``example.image`` is
-    ``None``), then ``{"type": "text", "text": prompt_text}``; an optional system turn first. With
+    ``None``), then ``{"type": "text", "text": prompt_text}``; an optional system turn first. An example with
+    several images (``example.images``) has them all, in order. With ``image_placeholder`` (Mirage: ``"<image>"``)
+    each image goes where the placeholder stands in ``prompt_text`` instead (the images first when it has none;
+    ``ValueError`` when the counts differ). With
     ``image_size`` (an int side or ``(width, height)``; IVT-LR uses :data:`IVTLR_IMAGE_SIZE`) the
     image is resized (bicubic) and the entry also carries ``resized_height``/``resized_width`` for
     ``qwen_vl_utils``. Render with ``processor.apply_chat_template(messages, tokenize=False,
     add_generation_prompt=True)``, as IVT-LR does.
     """
-    content: list[dict[str, Any]] = []
-    if example.image is not None:
-        entry: dict[str, Any] = {"type": "image", "image": example.image}
+    images = list(getattr(example, "images", None) or ([example.image] if example.image is not None else []))
+    entries: list[dict[str, Any]] = []
+    for image in images:
+        entry: dict[str, Any] = {"type": "image", "image": image}
         if image_size is not None:
             w, h = (image_size, image_size) if isinstance(image_size, int) else image_size
             if w < 1 or h < 1:
                 raise ValueError(f"image_size must be positive, got {image_size!r}")
-            if example.image.size != (w, h):
-                entry["image"] = example.image.resize((w, h), Image.Resampling.BICUBIC)
+            if image.size != (w, h):
+                entry["image"] = image.resize((w, h), Image.Resampling.BICUBIC)
             entry["resized_height"] = h
             entry["resized_width"] = w
-        content.append(entry)
-    content.append({"type": "text", "text": prompt_text})
+        entries.append(entry)
+    pieces = prompt_text.split(image_placeholder) if image_placeholder else [prompt_text]
+    if len(pieces) == 1:  # no placeholder: the images first
+        content: list[dict[str, Any]] = [*entries, {"type": "text", "text": prompt_text}]
+    else:
+        if len(pieces) - 1 != len(entries):
+            raise ValueError(f"example {example.id!r}: the prompt has {len(pieces) - 1} {image_placeholder} "
+                             f"placeholder(s) for {len(entries)} image(s)")
+        content = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+        for entry, text in zip(entries, pieces[1:], strict=True):
+            content.append(entry)
+            if text:
+                content.append({"type": "text", "text": text})
     messages: list[dict[str, Any]] = []
     if system is not None:
         messages.append({"role": "system", "content": [{"type": "text", "text": system}]})

@@ -1,4 +1,4 @@
-"""Answer extraction and accuracy for M3CoT and ScienceQA.
+"""Answer extraction and accuracy for M3CoT and ScienceQA, and VSP spatial planning (Mirage) at the end.
 
 The default judge is M3CoT's official one (LightChen233/M3CoT, ``utils/metric.py``,
 ``judge_answer``; used by ``evaluate.py``), re-implemented here with the same precedence:
@@ -50,7 +50,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .example import LETTERS, ReasoningExample
 
@@ -64,6 +64,12 @@ __all__ = [
     "accuracy",
     "accuracy_by",
     "JUDGES",
+    "VSPOutcome",
+    "extract_boxed",
+    "vsp_moves",
+    "simulate_vsp",
+    "vsp_outcome",
+    "score_vsp",
 ]
 
 JUDGES = ("m3cot", "ivtlr", "ivtlr_infer")
@@ -203,3 +209,82 @@ def accuracy_by(
     for ex, ok in zip(examples, correct):
         groups[ex.metadata.get(key)].append(bool(ok))
     return {k: accuracy(v) for k, v in groups.items()}
+
+
+# -- VSP spatial planning (Mirage's benchmark) ------------------------------------------------------------
+_VSP_MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
+
+
+class VSPOutcome(NamedTuple):
+    """How an answer fares on a VSP map: ``success`` (the walk ends on the goal), ``invalid`` (no boxed answer,
+    or an empty last box: our extra figure, also a failure), ``status`` in words and the ``moves`` walked."""
+
+    success: bool
+    invalid: bool
+    status: str
+    moves: str
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (braces inside balanced), stripped; None when there
+    is none or it is never closed (mathruler's ``extract_boxed_content``, which Mirage's test script uses)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    body = text[start + len("\\boxed{"):]
+    for i, ch in enumerate(body):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            if depth == 0:
+                return body[:i].strip()
+            depth -= 1
+    return None
+
+
+def vsp_moves(answer: str) -> str:
+    """The moves of a boxed VSP answer: the letters U/D/L/R, in order, of its upper-cased text, so ``"R,D"`` and
+    ``"RIGHT, DOWN"`` both give ``"RD"`` (as Mirage's ``parse_action_sequence``; other letters are dropped)."""
+    return "".join(c for c in answer.upper() if c in _VSP_MOVES)
+
+
+def simulate_vsp(map_desc: Sequence[Sequence[int]], moves: str) -> tuple[bool, str]:
+    """Walk ``moves`` on ``map_desc`` (rows of cells: 1 start, 2 goal, -1 hole, 0 ice) from the start cell, as
+    Mirage's ``simulate_vsp``: a move off the map is ignored; stepping on a hole fails at once; success iff the
+    walk ends on the goal. Returns ``(success, status)``; ``ValueError`` when the map has no start cell."""
+    start = next(((r, c) for r, row in enumerate(map_desc) for c, v in enumerate(row) if v == 1), None)
+    if start is None:
+        raise ValueError(f"VSP map {map_desc!r} has no start cell (value 1)")
+    r, c = start
+    for m in moves:
+        dr, dc = _VSP_MOVES[m]
+        nr, nc = r + dr, c + dc
+        if not (0 <= nr < len(map_desc) and 0 <= nc < len(map_desc[nr])):
+            continue
+        r, c = nr, nc
+        if map_desc[r][c] == -1:
+            return False, "fell in a hole"
+    return (True, "reached the goal") if map_desc[r][c] == 2 else (False, "did not reach the goal")
+
+
+def vsp_outcome(pred_text: str, map_desc: Sequence[Sequence[int]]) -> VSPOutcome:
+    """Score one answer on one map: the moves of the last boxed answer walked on ``map_desc``."""
+    boxed = extract_boxed(pred_text)
+    if boxed is None:
+        return VSPOutcome(False, True, "no boxed answer", "")
+    if not boxed:
+        return VSPOutcome(False, True, "empty boxed answer", "")
+    moves = vsp_moves(boxed)
+    ok, status = simulate_vsp(map_desc, moves)
+    return VSPOutcome(ok, False, status, moves)
+
+
+def score_vsp(pred_text: str, example: ReasoningExample, judge: str = "m3cot") -> bool:
+    """Whether ``pred_text`` solves ``example``'s VSP map (``metadata["map_desc"]``; :func:`vsp_outcome`). VSP has
+    one rule: ``judge`` (which picks a letter rule for the other datasets) is checked and otherwise unused."""
+    _check_judge(judge)
+    map_desc = example.metadata.get("map_desc") if isinstance(example.metadata, dict) else None
+    if map_desc is None:
+        raise ValueError(f"example {example.id!r} has no map_desc: it is not a VSP spatial-planning question")
+    return vsp_outcome(pred_text, map_desc).success

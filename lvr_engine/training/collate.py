@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from ..data.example import ReasoningExample
+from ..data.mirage import OUTPUT_IMAGE
 from ..data.prompts import chat_messages, format_prompt, format_target, get_template
 
 __all__ = ["Batch", "EncodedPrompts", "collate", "encode_prompts", "encode_images", "end_of_turn_id", "helper_image"]
@@ -119,7 +120,8 @@ def encode_prompts(examples: Sequence[ReasoningExample], processor, *, template=
     """Chat-formatted, left-padded prompts of ``examples`` with their images through ``processor``.
 
     ``image_size`` resizes every image first (IVT-LR: 280); None: the template's ``image_size``, else the
-    processor's own resizing. The template's ``generation_suffix`` follows the rendered chat text.
+    processor's own resizing. The template's ``generation_suffix`` follows the rendered chat text; its
+    ``image_placeholder`` places the images in the text (Mirage's ``<image>``).
     Rows without an image get a text-only prompt (the others' images still go through the processor).
     ``prompt_texts`` replaces ``format_prompt(example, template)`` as the user text of each row.
     """
@@ -134,11 +136,11 @@ def encode_prompts(examples: Sequence[ReasoningExample], processor, *, template=
     texts, images = [], []
     for i, ex in enumerate(examples):
         user = format_prompt(ex, template) if prompt_texts is None else prompt_texts[i]
-        messages = chat_messages(ex, user, image_size=image_size)
-        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                     + t.generation_suffix)
-        if ex.image is not None:
-            images.append(_resize(ex.image, image_size))
+        messages = chat_messages(ex, user, image_size=image_size, image_placeholder=t.image_placeholder)
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=t.add_generation_prompt,
+                                                   tokenize=False) + t.generation_suffix)
+        row_images = getattr(ex, "images", None) or ([ex.image] if ex.image is not None else [])
+        images.extend(_resize(im, image_size) for im in row_images)
     tok = _tokenizer(processor)
     side = tok.padding_side
     tok.padding_side = "left"
@@ -173,7 +175,8 @@ def collate(examples: Sequence[ReasoningExample], processor, stage: int = 0, *, 
             helper_images: bool = False) -> Batch:
     """The batch of ``examples`` at curriculum stage ``stage``.
 
-    ``mode="cot"``: the target is ``steps[stage:]`` + the answer line + end-of-turn; the batch runs
+    ``mode="cot"``: the target is ``steps[stage:]`` + the answer line + end-of-turn (between the template's
+    ``target_prefix`` and ``target_suffix``; a free-form target's ``<output_image>`` dropped); the batch runs
     ``latent_steps`` latent steps (default: ``stage``; the trainer passes ``min(stage, cap)``, or for
     Mirage a fixed count with ``stage=0``). ``mode="direct"``: the answer line alone, no latent steps.
     ``helper_images=True`` adds the Mirage helper image of every row (:func:`helper_image`;
@@ -194,9 +197,12 @@ def collate(examples: Sequence[ReasoningExample], processor, stage: int = 0, *, 
     eot = end_of_turn_id(processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eot
     rows = []
+    t = get_template(template)
     for ex in examples:
         text = format_target(ex, stage if mode == "cot" else 0, mode=mode, template=template).text
-        rows.append(list(tok(text, add_special_tokens=False)["input_ids"]) + [eot])
+        text = t.target_prefix + text.replace(OUTPUT_IMAGE, "")  # latents at <output_image>: training/mirage.py
+        suffix = list(tok(t.target_suffix, add_special_tokens=False)["input_ids"]) if t.target_suffix else []
+        rows.append(list(tok(text, add_special_tokens=False)["input_ids"]) + [eot] + suffix)
     T = max(len(r) for r in rows)
     target_ids = torch.full((len(rows), T), pad, dtype=torch.long)
     target_mask = torch.zeros((len(rows), T), dtype=torch.bool)

@@ -22,6 +22,7 @@ from ..engine.latent_step import begin_segment, run_latent_steps
 from ..engine.prompt import next_positions, prepare_prompt
 from ..engine.runner import DecoderRunner
 from ..models.base import ModelAdapter
+from .mirage import mirage_latent_loss, pool_image_embeddings  # noqa: F401  (Mirage's; importable here as before)
 
 
 @dataclass
@@ -116,16 +117,3 @@ def latent_forward(runner: DecoderRunner, adapter: ModelAdapter, *, input_ids, a
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Cross-entropy in fp32 for half-precision logits, in fp64 for fp64 checks."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def mirage_latent_loss(latent_hidden: torch.Tensor, helper_embeds: torch.Tensor) -> torch.Tensor:
-    """Mirage stage 1: mean cosine distance between latent hidden states (B, s, h) and pooled helper-image
-    embeddings (B, s, h)."""
-    return (1 - F.cosine_similarity(latent_hidden.float(), helper_embeds.float(), dim=-1)).mean()
-
-
-def pool_image_embeddings(embeds: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, h) image tokens -> (k, h): average pooling over k contiguous groups (Mirage's compression)."""
-    if k <= 0 or embeds.shape[0] < k:
-        raise ValueError(f"cannot pool {embeds.shape[0]} image tokens into {k} latents")
-    return F.adaptive_avg_pool1d(embeds.T[None].float(), k)[0].T.to(embeds.dtype)

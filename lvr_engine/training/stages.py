@@ -2,7 +2,8 @@
 
 ``objective="ivtlr"`` / ``"coconut"``: stages 0..max_stage; stage ``s`` replaces the first ``s`` reasoning steps by
 ``min(s, num_latent_steps)`` latent steps (stage 0 is the full chain of thought). Mirage (``"mirage_stage1"`` /
-``"mirage_stage2"``): one phase of ``num_latent_steps`` hidden-state latents before the full rationale.
+``"mirage_stage2"``): one phase of ``num_latent_steps`` latent slots (training/mirage.py); its checkpoint's inference
+switches to latent mode by itself (``trigger="token"``), at most ``max_latent_steps`` steps per segment (8).
 ``mode="direct"``: one phase, answer only.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def stage_lvr_config(cfg: TrainConfig, stage: StagePlan, markers: dict[str, int 
     elif cfg.is_mirage:
         latent = dict(num_latent_steps=0, num_selected_patches=0, trigger="token",
                       latent_start_id=markers["start"], latent_end_id=markers["end"],
-                      latent_pad_id=markers["pad"], max_latent_steps=max(1, stage.num_latent_steps))
+                      latent_pad_id=markers["pad"], max_latent_steps=cfg.max_latent_steps)
         eval_mode = "latent"
     else:
         N = stage.num_latent_steps

@@ -23,13 +23,15 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. ``dataset``: "m3cot" / "scienceqa" (read from ``data_dir``),
+    """Everything a training run needs. ``dataset``: "m3cot" / "scienceqa" / "vsp" (read from ``data_dir``),
     "synthetic" (``synthetic_size`` generated examples), or an in-memory sequence of ReasoningExamples.
 
     ``num_latent_steps`` caps the latent steps per stage (stage s runs min(s, cap)); for Mirage it is the
-    fixed latent count. ``batch_size`` is per process. ``mode="direct"`` fine-tunes the no-CoT baseline
-    (answer only, stage 0). ``stop_after_stage`` ends the run after that stage's checkpoint (a planned
-    interruption; ``resume=True`` continues it).
+    fixed latent count (L), and ``max_latent_steps`` the cap its checkpoints' inference runs with (Mirage: 8).
+    ``train_vision``: train the vision tower (None: not for Mirage, which freezes it, yes otherwise).
+    ``template`` None: ``"mirage"`` for the ``vsp`` dataset, else ``"ivtlr"``. ``batch_size`` is per process.
+    ``mode="direct"`` fine-tunes the no-CoT baseline (answer only, stage 0). ``stop_after_stage`` ends the run
+    after that stage's checkpoint (a planned interruption; ``resume=True`` continues it).
     """
 
     model: str
@@ -56,7 +58,7 @@ class TrainConfig:
     patch_order: str = "ascending"
     score_precision: str = "fp32"
     use_markers: bool = True
-    template: str = "ivtlr"
+    template: str | None = None
     image_size: int | None = None
     seed: int = 0
     log_every: int = 1
@@ -64,6 +66,8 @@ class TrainConfig:
     bf16: bool = False
     lora: LoraSettings | None = None
     mirage_text_weight: float = 0.1
+    max_latent_steps: int = 8
+    train_vision: bool | None = None
     stop_after_stage: int | None = None
     progress: bool = True
     backend: str | None = None
@@ -71,6 +75,9 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if self.template is None:
+            vsp = isinstance(self.dataset, str) and self.dataset.strip().lower() == "vsp"
+            self.template = "mirage" if vsp else "ivtlr"
         self.validate()
 
     def validate(self) -> None:
@@ -92,16 +99,25 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.patch_order must be 'ascending' or 'official', got {self.patch_order!r}")
         if self.score_precision not in ("fp32", "model"):
             raise ValueError(f"TrainConfig.score_precision must be 'fp32' or 'model', got {self.score_precision!r}")
+        if isinstance(self.max_latent_steps, bool) or not isinstance(self.max_latent_steps, int) \
+                or self.max_latent_steps < 1:
+            raise ValueError(f"TrainConfig.max_latent_steps must be a positive int, got {self.max_latent_steps!r}")
         if self.objective == "mirage_stage1" and self.num_latent_steps < 1:
             raise ValueError("objective='mirage_stage1' needs num_latent_steps >= 1 (latents to supervise)")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if isinstance(self.dataset, str) and self.dataset.lower() in ("m3cot", "scienceqa") and not self.data_dir:
+        on_disk = ("m3cot", "scienceqa", "vsp")
+        if isinstance(self.dataset, str) and self.dataset.lower() in on_disk and not self.data_dir:
             raise ValueError(f"dataset {self.dataset!r} is read from disk: set data_dir")
 
     @property
     def is_mirage(self) -> bool:
         return self.objective.startswith("mirage")
+
+    @property
+    def trains_vision(self) -> bool:
+        """Whether the vision tower trains: ``train_vision``, or by default all but Mirage (which freezes it)."""
+        return (not self.is_mirage) if self.train_vision is None else bool(self.train_vision)
 
     @property
     def patches(self) -> int:

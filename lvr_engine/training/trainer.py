@@ -8,10 +8,11 @@ the same ops as inference.
 Curriculum (``objective="ivtlr"`` / ``"coconut"``): stages 0..max_stage; stage ``s`` replaces the first ``s``
 reasoning steps by ``min(s, num_latent_steps)`` latent steps (IVT-LR: K highest-attention image embeddings +
 the last hidden state per step; Coconut: the hidden state alone) between the start/end latent markers; stage 0
-is the full chain of thought. Mirage (``"mirage_stage1"`` / ``"mirage_stage2"``): one phase of
-``num_latent_steps`` hidden-state latents between ``<|latent_start|>``/``<|latent_end|>`` (markers supervised)
-before the full rationale; stage 1 adds the cosine distance of the latents to pooled helper-image embeddings
-(loss = cos + ``mirage_text_weight`` * CE), stage 2 is CE only.
+is the full chain of thought. Mirage (``"mirage_stage1"`` / ``"mirage_stage2"``, training/mirage.py): one phase of
+``num_latent_steps`` latent slots between ``<|latent_start|>``/``<|latent_end|>`` where the target has
+``<output_image>`` (else after the prompt); stage 1 is one teacher-forced pass with the pooled helper-image
+embeddings in the slots (loss = ``mirage_text_weight`` * CE + cosine distance), stage 2 feeds back hidden states
+(CE only). The vision tower is frozen for Mirage unless ``train_vision``.
 
 Distributed equality: every process takes its slice of the same globally shuffled order (global batch =
 ``batch_size`` x processes); the CE sum is divided by the *global* number of labelled tokens (an all-reduce
@@ -65,7 +66,8 @@ from .checkpoint import (
     write_processor,
 )
 from .collate import collate
-from .latent_forward import latent_forward, mirage_latent_loss, pool_image_embeddings
+from .latent_forward import latent_forward
+from .mirage import collate_mirage, freeze_vision, mirage_forward
 from .stages import StagePlan, stage_lvr_config, stage_plan
 from .train_config import OBJECTIVES, LoraSettings, TrainConfig
 
@@ -122,28 +124,24 @@ class LatentLossModule(nn.Module):
         self.runner = runner_cls(self.adapter.decoder_weights(), backend=backend)
         self.runner.gradient_checkpointing = gradient_checkpointing
 
-    def forward(self, input_ids, attention_mask, target_ids, target_mask, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None, helper_pixel_values=None, helper_image_grid_thw=None, *,
-                num_latent_steps: int, num_selected_patches: int, start_marker_id=None, end_marker_id=None,
-                position_mode="mrope", detach_latents=False, supervise_markers=False) -> dict:
+    def forward(self, input_ids=None, attention_mask=None, target_ids=None, target_mask=None, pixel_values=None,
+                image_grid_thw=None, mm_token_type_ids=None, *, num_latent_steps: int = 0,
+                num_selected_patches: int = 0, start_marker_id=None, end_marker_id=None, position_mode="mrope",
+                detach_latents=False, supervise_markers=False, mirage=None, mirage_stage: int = 0) -> dict:
         """Shapes: input_ids/attention_mask (B, S), target_ids/target_mask (B, T), pixel values as the processor
-        returns them. Returns ``{"ce_sum": scalar, "num_tokens": int, "cos_sum": scalar (Mirage stage 1; else
-        0)}``."""
+        returns them; or ``mirage`` (a :class:`~lvr_engine.training.mirage.MirageBatch`) with ``mirage_stage`` 1 or
+        2. Returns ``{"ce_sum": scalar, "num_tokens": int, "cos_sum": scalar (Mirage stage 1; else 0)}``."""
+        if mirage is not None:
+            m = mirage_forward(self.runner, self.adapter, mirage, stage=mirage_stage, position_mode=position_mode,
+                               detach_latents=detach_latents)
+            return {"ce_sum": m.ce_sum, "num_tokens": m.num_tokens, "cos_sum": m.cos_sum}
         out = latent_forward(
             self.runner, self.adapter, input_ids=input_ids, attention_mask=attention_mask,
             pixel_values=pixel_values, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
             target_ids=target_ids, target_mask=target_mask, num_latent_steps=num_latent_steps,
             num_selected_patches=num_selected_patches, start_marker_id=start_marker_id, end_marker_id=end_marker_id,
             position_mode=position_mode, detach_latents=detach_latents, supervise_markers=supervise_markers)
-        cos_sum = out.ce_sum.new_zeros(())
-        if helper_pixel_values is not None:
-            B, s = out.latent_hidden.shape[:2]
-            with torch.no_grad():  # the helper image is a target, not something to train towards
-                per_image = self.adapter.encode_images(helper_pixel_values.to(out.latent_hidden.device),
-                                                       helper_image_grid_thw.to(out.latent_hidden.device))
-                pooled = torch.stack([pool_image_embeddings(e, s) for e in per_image]).to(out.latent_hidden.dtype)
-            cos_sum = mirage_latent_loss(out.latent_hidden, pooled) * (B * s)
-        return {"ce_sum": out.ce_sum, "num_tokens": out.num_tokens, "cos_sum": cos_sum}
+        return {"ce_sum": out.ce_sum, "num_tokens": out.num_tokens, "cos_sum": out.ce_sum.new_zeros(())}
 
 
 def _all_have_images(examples) -> bool:
@@ -245,6 +243,8 @@ class Trainer:
         if resume_dir is not None and cfg.lora is not None:  # the tokenizer (markers added) of the run
             processor = load_processor_or_tokenizer(resume_dir) or processor
         added = self._ensure_markers(model, processor)
+        if not cfg.trains_vision:  # Mirage trains the language model only (--train-vision to train the tower too)
+            freeze_vision(model)
         if cfg.gradient_checkpointing:  # the vision tower's HF blocks; the decoder is checkpointed by the runner
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -435,26 +435,35 @@ class Trainer:
                       position_mode=cfg.position_mode, detach_latents=cfg.detach_latents, supervise_markers=supervise)
         n_markers = sum(kwargs[k] is not None for k in ("start_marker_id", "end_marker_id")) if supervise else 0
         text_w = cfg.mirage_text_weight if mirage1 else 1.0
+        mirage = cfg.is_mirage and stage.num_latent_steps > 0  # Mirage's sequence, training/mirage.py
         for _ in range(cfg.epochs_per_stage):
             for idx in self._epoch_batches(n, self.epochs_done):
                 t0 = time.perf_counter()
                 rows = [examples[j] for j in idx]
-                batch = collate(rows, self.processor, stage.replaced_steps, mode=cfg.mode,
-                                latent_steps=stage.num_latent_steps, template=cfg.template,
-                                image_size=cfg.image_size, helper_images=mirage1).to(acc.device)
                 B = len(rows)
-                local_tokens = batch.num_target_tokens + n_markers * B
-                processed = (int(batch.attention_mask.sum()) + local_tokens
-                             + B * stage.num_latent_steps * (cfg.patches + 1))
+                if mirage:
+                    batch = collate_mirage(rows, self.processor, stage.num_latent_steps, start_id=self.markers["start"],
+                                           end_id=self.markers["end"], template=cfg.template,
+                                           image_size=cfg.image_size, helper_images=mirage1).to(acc.device)
+                    local_tokens, processed = batch.num_labels, batch.num_positions
+                else:
+                    batch = collate(rows, self.processor, stage.replaced_steps, mode=cfg.mode,
+                                    latent_steps=stage.num_latent_steps, template=cfg.template,
+                                    image_size=cfg.image_size).to(acc.device)
+                    local_tokens = batch.num_target_tokens + n_markers * B
+                    processed = (int(batch.attention_mask.sum()) + local_tokens
+                                 + B * stage.num_latent_steps * (cfg.patches + 1))
                 counts = acc.reduce(torch.tensor([local_tokens, B * stage.num_latent_steps, processed],
                                                  dtype=torch.float64, device=acc.device), "sum")
                 n_tok, n_lat, n_proc = (float(c) for c in counts.tolist())
-                out = self.module(
-                    batch.input_ids, batch.attention_mask, batch.target_ids, batch.target_mask,
-                    pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                    mm_token_type_ids=batch.mm_token_type_ids,
-                    helper_pixel_values=batch.helper_pixel_values if mirage1 else None,
-                    helper_image_grid_thw=batch.helper_image_grid_thw if mirage1 else None, **kwargs)
+                if mirage:
+                    out = self.module(mirage=batch, mirage_stage=1 if mirage1 else 2, position_mode=cfg.position_mode,
+                                      detach_latents=cfg.detach_latents)
+                else:
+                    out = self.module(
+                        batch.input_ids, batch.attention_mask, batch.target_ids, batch.target_mask,
+                        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                        mm_token_type_ids=batch.mm_token_type_ids, **kwargs)
                 if out["num_tokens"] != local_tokens:
                     raise RuntimeError(f"latent_forward labelled {out['num_tokens']} tokens, expected {local_tokens}")
                 # sums over this process / global counts, x world size: DDP's mean of gradients is then the
