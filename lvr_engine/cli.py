@@ -152,6 +152,10 @@ def add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use the first N training examples")
     p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--patch-order", default="ascending", choices=("ascending", "official"),
+                   help="order a latent step feeds its patches (official: CUDA topk(sorted=False), IVT-LR's code)")
+    p.add_argument("--score-precision", default="fp32", choices=("fp32", "model"),
+                   help="model: round attention probabilities and their mean to the model dtype (official code)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32)")
     p.add_argument("--lora-r", type=int, default=0, help="> 0: train a peft LoRA of this rank instead of all weights")
@@ -203,7 +207,8 @@ def cmd_train(args, argv) -> int:
             num_selected_patches=args.num_selected_patches, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
             reset_optimizer_per_stage=not args.keep_optimizer, detach_latents=args.detach_latents,
-            position_mode=args.position_mode, use_markers=not args.no_markers, template=args.template,
+            position_mode=args.position_mode, patch_order=args.patch_order,
+            score_precision=args.score_precision, use_markers=not args.no_markers, template=args.template,
             image_size=args.image_size, seed=args.seed, log_every=args.log_every,
             gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
             lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, target_modules=tuple(args.lora_target))

@@ -95,8 +95,8 @@ def record_run(generator, batch, latent_hook=None, max_new_tokens: int = 1, **ge
     inner = runner.logits
     seen: list = []
 
-    def logits(hidden):
-        out = inner(hidden)
+    def logits(hidden, *args, **kwargs):
+        out = inner(hidden, *args, **kwargs)
         if not seen:
             seen.append((hidden.detach().float().cpu(), out.detach().float().cpu()))
         return out

@@ -127,7 +127,8 @@ class LatentLossModule(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, target_ids=None, target_mask=None, pixel_values=None,
                 image_grid_thw=None, mm_token_type_ids=None, *, num_latent_steps: int = 0,
                 num_selected_patches: int = 0, start_marker_id=None, end_marker_id=None, position_mode="mrope",
-                detach_latents=False, supervise_markers=False, mirage=None, mirage_stage: int = 0) -> dict:
+                detach_latents=False, supervise_markers=False, patch_order="ascending", score_precision="fp32",
+                mirage=None, mirage_stage: int = 0) -> dict:
         """Shapes: input_ids/attention_mask (B, S), target_ids/target_mask (B, T), pixel values as the processor
         returns them; or ``mirage`` (a :class:`~lvr_engine.training.mirage.MirageBatch`) with ``mirage_stage`` 1 or
         2. Returns ``{"ce_sum": scalar, "num_tokens": int, "cos_sum": scalar (Mirage stage 1; else 0)}``."""
@@ -140,7 +141,8 @@ class LatentLossModule(nn.Module):
             pixel_values=pixel_values, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
             target_ids=target_ids, target_mask=target_mask, num_latent_steps=num_latent_steps,
             num_selected_patches=num_selected_patches, start_marker_id=start_marker_id, end_marker_id=end_marker_id,
-            position_mode=position_mode, detach_latents=detach_latents, supervise_markers=supervise_markers)
+            position_mode=position_mode, detach_latents=detach_latents, supervise_markers=supervise_markers,
+            patch_order=patch_order, score_precision=score_precision)
         return {"ce_sum": out.ce_sum, "num_tokens": out.num_tokens, "cos_sum": out.ce_sum.new_zeros(())}
 
 
@@ -432,7 +434,8 @@ class Trainer:
         kwargs = dict(num_latent_steps=stage.num_latent_steps, num_selected_patches=cfg.patches,
                       start_marker_id=self.markers.get("start") if use_markers else None,
                       end_marker_id=self.markers.get("end") if use_markers else None,
-                      position_mode=cfg.position_mode, detach_latents=cfg.detach_latents, supervise_markers=supervise)
+                      position_mode=cfg.position_mode, detach_latents=cfg.detach_latents, supervise_markers=supervise,
+                      patch_order=cfg.patch_order, score_precision=cfg.score_precision)
         n_markers = sum(kwargs[k] is not None for k in ("start_marker_id", "end_marker_id")) if supervise else 0
         text_w = cfg.mirage_text_weight if mirage1 else 1.0
         mirage = cfg.is_mirage and stage.num_latent_steps > 0  # Mirage's sequence, training/mirage.py
