@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,14 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .cli_checks import (
+    CLIError,
+    check_image,
+    check_input_file,
+    check_model_dir,
+    check_output_dir,
+    check_output_file,
+    check_rows,
+    nonnegative_int,
+    positive_int,
+)
 from .data.example import SKIPPED_NO_IMAGE
 from .progress import is_terminal
 
 DATASETS = ("m3cot", "scienceqa", "synthetic", "vsp")
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as ``lvr <cmd>: error: <message>`` with exit status 2."""
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1   # and 128 + signal when interrupted (130 SIGINT, 143 SIGTERM)
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
@@ -71,8 +80,9 @@ def _load_examples(dataset: str, data_dir, split: str, limit: int | None, *, req
 
     try:
         ds = load_dataset_by_name(name, data_dir, split, require_image=require_image)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no such split, missing columns, unreadable or empty shards
         raise CLIError(str(e)) from None
+    check_rows(ds, f"{name} {split}", n=limit)  # each row used decodes (image, answer letter), or say which not
     skipped = {no_image if reason == SKIPPED_NO_IMAGE else reason: n for reason, n in ds.skipped.items()}
     if limit is not None and limit < len(ds):
         skipped[f"after the first {limit} (--limit)"] = len(ds) - limit
@@ -170,26 +180,74 @@ def _relaunch(args, argv: list[str]) -> int:
     """Re-run this ``lvr train`` under ``accelerate launch`` with ``args.num_processes`` processes.
 
     accelerate's ``--multi_gpu`` launcher is its torch.distributed.run path; on a machine without CUDA each
-    process builds ``Accelerator(cpu=True)`` and joins a gloo group (``--cpu`` would start only one process)."""
+    process builds ``Accelerator(cpu=True)`` and joins a gloo group (``--cpu`` would start only one process).
+    It runs through training/launch.py (a worker's failure is the launcher's exit status, without a traceback).
+
+    Signals: the launcher runs in its own session, so a terminal's Ctrl-C reaches this process alone, which
+    passes each SIGINT / SIGTERM once to every worker (the first stops them all at the same step boundary, a
+    second aborts; training/interrupt.py). Once they are gone, whatever a killed worker left is removed, the
+    last checkpoint and the command that resumes from it are printed, and the status is 128 + the signal."""
+    from .training.interrupt import STOP_SIGNALS, interrupt_report
+
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.num_processes))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+    cmd = [sys.executable, "-m", "lvr_engine.training.launch", "--multi_gpu",
            "--num_processes", str(args.num_processes), "--num_machines", "1",
            "--mixed_precision", "bf16" if args.bf16 else "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "--num_cpu_threads_per_process", threads,
            "-m", "lvr_engine.cli"] + _strip_option(argv, "--num-processes")
-    return subprocess.call(cmd)
+    got: list[int] = []
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if procs:
+            _signal_workers(procs[0], signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        procs.append(subprocess.Popen(cmd, start_new_session=True))
+        if got:  # arrived while it was starting
+            _signal_workers(procs[0], got[0])
+        rc = procs[0].wait()  # (a handled signal does not interrupt the wait: PEP 475)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+    if not got:
+        return rc
+    from .training.checkpoint import remove_partial
+
+    remove_partial(Path(args.output))  # a worker killed before its own clean-up ran
+    for line in interrupt_report(args.output, got[0], argv):
+        print(f"lvr train: {line}", file=sys.stderr, flush=True)
+    return 128 + got[0]
 
 
-def cmd_train(args, argv) -> int:
-    if args.num_processes < 1:
-        raise CLIError(f"--num-processes must be >= 1, got {args.num_processes}")
-    if args.num_processes > 1 and not _in_distributed_child():
-        return _relaunch(args, argv)
-    if not Path(args.model).is_dir():
-        raise CLIError(f"model directory {args.model} does not exist")
-    if args.lora_r > 0:
-        _require("peft", "lora", "--lora-r")
-    from .training.trainer import LoraSettings, TrainConfig, Trainer
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid``, from /proc (Linux); [] where there is no /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _signal_workers(launcher: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to the worker processes of ``launcher`` (its children; the launcher itself while it has
+    none yet, or where they cannot be listed)."""
+    for pid in _children(launcher.pid) or [launcher.pid]:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _train_config(args):
+    """The TrainConfig of ``lvr train``'s arguments (CLIError when they do not make one)."""
+    from .training.train_config import LoraSettings, TrainConfig
 
     if args.dataset == "synthetic":
         dataset, data_dir = "synthetic", None
@@ -200,7 +258,7 @@ def cmd_train(args, argv) -> int:
             raise CLIError(f"dataset directory {args.data_dir} does not exist")
         dataset, data_dir = args.dataset, args.data_dir
     try:
-        cfg = TrainConfig(
+        return TrainConfig(
             model=args.model, output_dir=args.output, dataset=dataset, data_dir=data_dir, split=args.split,
             limit=args.limit, objective=args.objective, mode=args.mode, max_stage=args.max_stage,
             epochs_per_stage=args.epochs_per_stage, num_latent_steps=args.num_latent_steps,
@@ -215,13 +273,59 @@ def cmd_train(args, argv) -> int:
             if args.lora_r > 0 else None,
             stop_after_stage=args.stop_after_stage, progress=not args.no_progress,
             train_vision=args.train_vision, max_latent_steps=args.max_latent_steps)
-        trainer = Trainer(cfg)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _check_train(args) -> None:
+    """Everything ``lvr train`` can check before starting processes and loading the model: the checkpoint
+    directory, the output directory, the numbers (TrainConfig), --resume against what --output holds, and every
+    training row it will read (images decode, answers are letters of the choices)."""
+    from .training.checkpoint import latest_checkpoint
+    from .training.stages import stage_plan
+
+    check_model_dir(args.model)
+    check_output_dir(args.output)
+    if args.lora_r > 0:
+        _require("peft", "lora", "--lora-r")
+    cfg = _train_config(args)
+    root = Path(args.output) / "checkpoints"
+    if args.resume and latest_checkpoint(root) is None:
+        raise CLIError(f"--resume: no checkpoint to resume from in {root}")
+    if not args.resume and latest_checkpoint(root) is not None:
+        raise CLIError(f"--output {args.output} already holds checkpoints of a run; add --resume to continue it "
+                       "or choose another directory")
+    if cfg.dataset != "synthetic":
+        require = cfg.patches > 0 and any(p.num_latent_steps for p in stage_plan(cfg))
+        loaded = _load_examples(cfg.dataset, cfg.data_dir, cfg.split, cfg.limit, require_image=require)
+        if not loaded.examples:
+            raise CLIError(f"no training examples: {loaded.report(f'{cfg.dataset} {cfg.split}: would train on')}")
+
+
+def cmd_train(args, argv) -> int:
+    if args.num_processes < 1:
+        raise CLIError(f"--num-processes must be >= 1, got {args.num_processes}")
+    child = _in_distributed_child()
+    if not child:  # once, before any process starts (a relaunched process trusts its parent's checks)
+        _check_train(args)
+    if args.num_processes > 1 and not child:
+        return _relaunch(args, argv)
+    from .training.interrupt import TrainingInterrupted, interrupt_report
+    from .training.trainer import Trainer
+
+    try:
+        trainer = Trainer(_train_config(args))
         try:
             result = trainer.train(resume=args.resume)
         finally:
             trainer.accelerator.end_training()  # destroys the process group under DDP
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise CLIError(str(e)) from None
+    except TrainingInterrupted as e:  # no temp checkpoint left (the trainer saw to it); say how to go on
+        if not child:  # a relaunched run's parent reports once, with the command the user typed
+            for line in interrupt_report(args.output, e.signum, argv, e.step, e.abort):
+                print(f"lvr train: {line}", file=sys.stderr, flush=True)
+        return e.exit_code
     if trainer.is_main:
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
         print(f"trained {result.global_step} steps; last loss {last}; "
@@ -239,8 +343,8 @@ def add_eval(sub) -> None:
     p.add_argument("--mode", default="latent", choices=("latent", "cot", "direct"))
     p.add_argument("--output", help="results JSONL (one line per question)")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--judge", default="m3cot", choices=("m3cot", "ivtlr", "ivtlr_infer"),
                    help="m3cot: M3CoT's official judge; ivtlr: IVT-LR's letter rule on the output; ivtlr_infer: "
                         "the official IVT-LR inference rule on the decoded prompt + output")
@@ -259,13 +363,14 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args, argv) -> int:
-    if not Path(args.model).is_dir():
-        raise CLIError(f"model directory {args.model} does not exist")
     if args.template is not None:
         from .data.prompts import PROMPT_TEMPLATES
 
         if args.template not in PROMPT_TEMPLATES:
             raise CLIError(f"unknown --template {args.template!r}; choose one of {sorted(PROMPT_TEMPLATES)}")
+    check_model_dir(args.model)
+    if args.output:
+        check_output_file(args.output)
     from .evaluation import evaluate, read_lvr_config
 
     try:
@@ -320,21 +425,22 @@ def add_tiny_model(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny random-init Qwen2-VL checkpoint (tests, CPU demo)")
     p.add_argument("path")
     p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl"))
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-kv-heads", type=int, default=2)
-    p.add_argument("--vision-depth", type=int, default=2)
-    p.add_argument("--vision-embed-dim", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=224, help="every image becomes (size/28)^2 tokens")
+    p.add_argument("--hidden-size", type=positive_int, default=128)
+    p.add_argument("--num-layers", type=positive_int, default=4)
+    p.add_argument("--num-heads", type=positive_int, default=4)
+    p.add_argument("--num-kv-heads", type=positive_int, default=2)
+    p.add_argument("--vision-depth", type=positive_int, default=2)
+    p.add_argument("--vision-embed-dim", type=positive_int, default=64)
+    p.add_argument("--image-size", type=positive_int, default=224, help="every image becomes (size/28)^2 tokens")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
 
 def cmd_tiny_model(args, argv) -> int:
+    check_output_dir(args.path, "path")
     from .models.tiny import write_tiny_model
 
-    try:
+    try:  # the sizes are checked (ValueError) before anything is written
         path = write_tiny_model(args.path, family=args.family, hidden_size=args.hidden_size,
                                 num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                                 vision_depth=args.vision_depth, vision_embed_dim=args.vision_embed_dim,
@@ -352,47 +458,55 @@ def add_generate(sub) -> None:
     p.add_argument("--image", required=True)
     p.add_argument("--question", required=True)
     p.add_argument("--choices", nargs="+", default=None, help="option texts (lettered A, B, ...)")
-    p.add_argument("--num-latent-steps", type=int, default=None, help="default: as trained (lvr_config.json)")
-    p.add_argument("--num-selected-patches", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--num-latent-steps", type=nonnegative_int, default=None,
+                   help="default: as trained (lvr_config.json)")
+    p.add_argument("--num-selected-patches", type=nonnegative_int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--heatmap", default=None, help="write the selected patches over the image to this PNG")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args, argv) -> int:
-    from PIL import Image
-
-    from .data.example import ReasoningExample, to_rgb
+    from .data.example import LETTERS, ReasoningExample
     from .data.prompts import format_prompt
     from .engine.config import LatentConfig
     from .engine.generator import LatentGenerator
     from .evaluation import read_lvr_config
     from .training.collate import encode_prompts
 
-    if not Path(args.image).is_file():
-        raise CLIError(f"image {args.image} does not exist")
+    check_model_dir(args.model)
+    image = check_image(args.image)
+    if args.choices and len(args.choices) > len(LETTERS):
+        raise CLIError(f"--choices: at most {len(LETTERS)} options (letters A-Z), got {len(args.choices)}")
+    if args.heatmap:
+        check_output_file(args.heatmap, "--heatmap")
+        try:
+            from .analysis.heatmap import draw_selection_heatmap
+        except ImportError as e:
+            raise CLIError(f"--heatmap needs lvr_engine.analysis.heatmap, which cannot be imported: {e}") from None
     try:
-        meta = read_lvr_config(args.model) if Path(args.model).is_dir() else None
+        meta = read_lvr_config(args.model)
         lc = dict((meta or {}).get("latent_config", {}))
         if args.num_latent_steps is not None:
             lc["num_latent_steps"] = args.num_latent_steps
             lc.setdefault("trigger", "prompt")
             if lc["trigger"] == "token":
-                raise CLIError("this model switches into latent mode by itself (Mirage); --num-latent-steps does not apply")
+                raise CLIError("this model switches into latent mode by itself (Mirage); "
+                               "--num-latent-steps does not apply")
         if args.num_selected_patches is not None:
             lc["num_selected_patches"] = args.num_selected_patches
         cfg = LatentConfig(**lc) if lc else LatentConfig(num_latent_steps=0, num_selected_patches=0)
+        if args.heatmap and not (cfg.num_latent_steps > 0 and cfg.num_selected_patches > 0):
+            raise CLIError("--heatmap needs latent steps that select patches (num_latent_steps > 0, K > 0)")
         gen = LatentGenerator.from_pretrained(args.model, cfg)
+        ex = ReasoningExample(id="cli", image=image, question=args.question, choices=args.choices or ["-"],
+                              answer="A", answer_index=0, steps=[])
+        template = (meta or {}).get("template", "ivtlr")
+        text = format_prompt(ex, template) if args.choices else args.question  # no options: the question as asked
+        prompt = encode_prompts([ex], gen.processor, template=template, image_size=(meta or {}).get("image_size"),
+                                prompt_texts=[text])
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    with Image.open(args.image) as im:
-        image = to_rgb(im.copy())
-    ex = ReasoningExample(id="cli", image=image, question=args.question, choices=args.choices or ["-"],
-                          answer="A", answer_index=0, steps=[])
-    template = (meta or {}).get("template", "ivtlr")
-    text = format_prompt(ex, template) if args.choices else args.question  # no options: the question as asked
-    prompt = encode_prompts([ex], gen.processor, template=template, image_size=(meta or {}).get("image_size"),
-                            prompt_texts=[text])
     try:
         out = gen.generate(**prompt.model_inputs(), max_new_tokens=args.max_new_tokens)
     except ValueError as e:
@@ -402,11 +516,6 @@ def cmd_generate(args, argv) -> int:
     if args.heatmap:
         if out.selected.shape[1] == 0 or out.selected.shape[2] == 0:
             raise CLIError("--heatmap needs latent steps that select patches (num_latent_steps > 0, K > 0)")
-        try:
-            from .analysis.heatmap import draw_selection_heatmap
-        except ImportError as e:
-            raise CLIError(f"--heatmap needs lvr_engine.analysis.heatmap, which cannot be imported: {e}") from None
-
         thw = prompt.image_grid_thw[0]
         merge = int(gen.model.config.vision_config.spatial_merge_size)
         draw_selection_heatmap(image, out.selected[0].cpu(), thw, merge, args.heatmap)
@@ -421,7 +530,7 @@ def add_analyze(sub) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=8, help="questions analysed (one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--output", default=None, help="write the report as JSON here")
     p.add_argument("--heatmaps", default=None, help="directory for per-question selection heat maps")
     p.add_argument("--no-progress", action="store_true")
@@ -435,13 +544,21 @@ def cmd_analyze(args, argv) -> int:
     from .evaluation import read_lvr_config
     from .training.collate import encode_prompts
 
+    check_model_dir(args.model)
+    try:
+        meta = read_lvr_config(args.model)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if meta is None:
+        raise CLIError(f"--model {args.model} has no lvr_config.json: analyze needs a model trained with latent steps")
+    if args.output:
+        check_output_file(args.output)
+    if args.heatmaps:
+        check_output_dir(args.heatmaps, "--heatmaps")
     examples = list(_load_examples(args.dataset, args.data_dir, args.split, args.limit, require_image=True).examples)
     if not examples:
         raise CLIError(f"no questions with images in {args.dataset} split {args.split!r}")
     try:
-        meta = read_lvr_config(args.model) if Path(args.model).is_dir() else None
-        if meta is None:
-            raise CLIError(f"{args.model} has no lvr_config.json: analyze needs a model trained with latent steps")
         gen = LatentGenerator.from_pretrained(args.model)
         prompt = encode_prompts(examples, gen.processor, template=meta.get("template", "ivtlr"),
                                 image_size=meta.get("image_size"))
@@ -452,6 +569,7 @@ def cmd_analyze(args, argv) -> int:
         raise CLIError(str(e)) from None
     print(report.format_table())
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         print(f"report written to {args.output}")
     if args.heatmaps and gen.config.num_selected_patches > 0:
@@ -484,6 +602,9 @@ def add_convert(sub) -> None:
 def cmd_convert(args, argv) -> int:
     from .models.convert_ivtlr import convert_ivtlr
 
+    check_input_file(args.checkpoint, "--checkpoint")
+    check_model_dir(args.base, "--base")
+    check_output_dir(args.output, must_not_exist=True)
     alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
     try:
         out = convert_ivtlr(args.checkpoint, args.base, args.output, lora_r=args.lora_r, lora_alpha=alpha,
@@ -518,6 +639,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args, argv) -> int:
+    check_output_dir(args.output)
     from .demo import run_demo
 
     run_demo(args.output, seed=args.seed, quick=args.quick)
@@ -529,13 +651,41 @@ COMMANDS = [add_demo, add_train, add_eval, add_generate, add_tiny_model, add_ana
 """Subcommand registrations, in help order: each adds its parser and sets ``func(args, argv) -> int``."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line like every other user error (``lvr eval: error: ...``, exit 2); the usage
+    is one ``--help`` away. Subcommand parsers are of this class too (add_subparsers' default)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lvr", description="Latent visual reasoning engine")
+    parser = _Parser(prog="lvr", description="Latent visual reasoning engine. Exit status: 0 done, 2 bad "
+                     "arguments or input (one line on stderr), 1 internal error, 130/143 interrupted.")
+    debug = "print the traceback of an internal error (normally one line)"
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in COMMANDS:
         add(sub)
+    for p in sub.choices.values():  # `lvr eval --debug ...` as well as `lvr --debug eval ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
+
+
+def report_internal_error(command: str, exc: BaseException, debug: bool, file=None) -> int:
+    """Print an unexpected exception of ``lvr <command>``: its traceback with ``debug``, else one line saying it
+    is an internal error and how to see the traceback. Returns the exit status (1)."""
+    import traceback
+
+    file = sys.stderr if file is None else file
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=file)
+    what = " ".join(str(exc).split())  # one line, however many the message had
+    line = f"lvr {command}: internal error: {type(exc).__name__}" + (f": {what}" if what else "")
+    hint = "" if debug else f" (rerun with lvr --debug {command} ... for the traceback)"
+    print(line + hint, file=file, flush=True)
+    return EXIT_INTERNAL_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,7 +701,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args, argv) or 0)
     except CLIError as e:
         print(f"lvr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # (lvr train handles its own: clean stop, resume command)
+        print(f"\nlvr {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as e:  # noqa: BLE001 - a bug or an unchecked input: one line, the traceback with --debug
+        return report_internal_error(args.command, e, args.debug)
 
 
 if __name__ == "__main__":

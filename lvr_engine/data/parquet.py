@@ -82,7 +82,14 @@ def read_parquet_split(shards: Sequence[Path], split: str, cache_dir: str | os.P
     (its Arrow cache; default ``~/.cache/huggingface/datasets``).
     """
     import datasets
+    import pyarrow.parquet as pq
 
+    # datasets fails on a shard without rows ("BatchSize must be greater than 0"): leave such shards out, and
+    # say so when none is left
+    nonempty = [s for s in shards if pq.ParquetFile(s).metadata.num_rows > 0]
+    if not nonempty:
+        raise ValueError(f"split {split!r} has no rows: {[str(s) for s in shards]} hold 0 rows")
+    shards = nonempty
     ds = datasets.load_dataset(
         "parquet",
         data_files={split: [str(s) for s in shards]},

@@ -112,6 +112,9 @@ def tiny_qwen2vl_config(family: str = "qwen2_vl", **overrides: Any):
     layers = int(o.pop("num_layers", o.pop("num_hidden_layers", 4)))
     heads = int(o.pop("num_heads", o.pop("num_attention_heads", 4)))
     kv_heads = int(o.pop("num_kv_heads", o.pop("num_key_value_heads", 2)))
+    for name, v in (("hidden_size", hidden), ("num_layers", layers), ("num_heads", heads), ("num_kv_heads", kv_heads)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     if hidden % heads or heads % kv_heads:
         raise ValueError(f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide")
     head_dim = hidden // heads
@@ -145,6 +148,12 @@ def tiny_qwen2vl_config(family: str = "qwen2_vl", **overrides: Any):
     v_heads = int(o.pop("vision_num_heads", 4))
     v_depth = int(o.pop("vision_depth", 2))
     v_inter = int(o.pop("vision_intermediate_size", 2 * v_embed))
+    for name, v in (("vision_embed_dim", v_embed), ("vision_num_heads", v_heads), ("vision_depth", v_depth),
+                    ("vision_intermediate_size", v_inter)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if v_embed % v_heads:
+        raise ValueError(f"vision_embed_dim {v_embed} is not a multiple of vision_num_heads {v_heads}")
     common_v = dict(depth=v_depth, num_heads=v_heads, in_channels=3, patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2, initializer_range=init)
     if family == "qwen2_vl":
@@ -329,7 +338,8 @@ def write_tiny_model(
     from transformers import GenerationConfig
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if image_size < 28 or image_size % 28:  # checked by the processor too, but before anything is written
+        raise ValueError(f"image_size must be a positive multiple of 28 (patch 14 x merge 2), got {image_size}")
     tokenizer = build_tiny_tokenizer(corpus, latent_tokens=latent_tokens)
     n_tok = len(tokenizer)
     vocab = n_tok if vocab_size is None else int(vocab_size)
@@ -355,6 +365,7 @@ def write_tiny_model(
         pad_token_id=TINY_TOKEN_IDS["<|endoftext|>"],
         do_sample=False,
     )
+    path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor = build_tiny_processor(tokenizer, family=family, image_size=image_size)
     processor.save_pretrained(path)

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ..models.loading import LVR_CONFIG
+from .interrupt import deferred_abort
 from .train_config import TrainConfig
 
 __all__ = ["TRAINER_STATE", "PUBLISHED", "rng_state", "set_rng_state", "write_model", "write_processor",
-           "save_atomic", "publish", "latest_checkpoint", "load_resume_state"]
+           "save_atomic", "publish", "remove_partial", "latest_checkpoint", "load_resume_state"]
 
 TRAINER_STATE = "trainer_state.json"
 # Name prefixes of the files publish() copies to the top of output_dir (what from_pretrained loads).
@@ -111,6 +112,10 @@ def save_atomic(accelerator, dest: Path, write_main: Callable[[Path], None],
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state(), indent=2) + "\n")
     except Exception as e:  # noqa: BLE001 - re-raised below, after every process agrees to abort
         error = e
+    except BaseException:  # an abort (a second Ctrl-C / SIGTERM): no collective, the other processes are going too
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     failed = acc.reduce(torch.tensor([0 if error is None else 1], device=acc.device), "sum")
     if int(failed.item()):
         acc.wait_for_everyone()
@@ -123,9 +128,10 @@ def save_atomic(accelerator, dest: Path, write_main: Callable[[Path], None],
         old = dest.parent / f".old-{dest.name}"
         if old.exists():
             shutil.rmtree(old)
-        if dest.exists():
-            os.rename(dest, old)
-        os.rename(tmp, dest)
+        with deferred_abort():  # never stop between the two renames (dest missing, its old copy aside)
+            if dest.exists():
+                os.rename(dest, old)
+            os.rename(tmp, dest)
         if old.exists():
             shutil.rmtree(old)
     acc.wait_for_everyone()
@@ -139,16 +145,41 @@ def publish(ckpt: Path, output_dir: Path) -> None:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    files = [p for p in ckpt.iterdir() if p.is_file() and p.name.startswith(PUBLISHED)]
-    for p in files:
-        _link_or_copy(p, staging / p.name)
-    names = {p.name for p in files}
-    for p in sorted(files, key=lambda p: p.name == TRAINER_STATE):
-        os.replace(staging / p.name, output_dir / p.name)
-    for p in output_dir.glob("model*.safetensors*"):  # shards of an earlier, differently sharded save
-        if p.name not in names:
-            p.unlink()
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        files = [p for p in ckpt.iterdir() if p.is_file() and p.name.startswith(PUBLISHED)]
+        for p in files:
+            _link_or_copy(p, staging / p.name)
+        names = {p.name for p in files}
+        with deferred_abort():  # all of the top level is replaced, or none of it
+            for p in sorted(files, key=lambda p: p.name == TRAINER_STATE):
+                os.replace(staging / p.name, output_dir / p.name)
+            for p in output_dir.glob("model*.safetensors*"):  # shards of an earlier, differently sharded save
+                if p.name not in names:
+                    p.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_partial(output_dir: Path) -> list[Path]:
+    """Undo what a killed run can leave in ``output_dir`` (call when no run is writing there): a checkpoint
+    moved aside for its replacement (``checkpoints/.old-<name>`` without ``<name>``) is moved back; temporary
+    directories (``checkpoints/.tmp-*``, ``.tmp-publish``) and superseded ``.old-*`` copies are removed.
+    Returns the paths removed or restored."""
+    touched = []
+    root = output_dir / "checkpoints"
+    for old in sorted(root.glob(".old-*")) if root.is_dir() else []:
+        dest = root / old.name[len(".old-"):]
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, dest)
+        touched.append(old)
+    temps = (sorted(root.glob(".tmp-*")) if root.is_dir() else []) + [output_dir / ".tmp-publish"]
+    for tmp in temps:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            touched.append(tmp)
+    return touched
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

@@ -89,8 +89,10 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative int, got {v!r}")
-        for name in ("epochs_per_stage", "batch_size", "log_every"):
+        for name in ("epochs_per_stage", "batch_size", "log_every", "limit", "image_size"):
             v = getattr(self, name)
+            if v is None and name in ("limit", "image_size"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
         if self.position_mode not in ("mrope", "arange"):

@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,12 +62,14 @@ from .checkpoint import (
     latest_checkpoint,
     load_resume_state,
     publish,
+    remove_partial,
     save_atomic,
     set_rng_state,
     write_model,
     write_processor,
 )
 from .collate import collate
+from .interrupt import StopRequest, TrainingInterrupted
 from .latent_forward import latent_forward
 from .mirage import collate_mirage, freeze_vision, mirage_forward
 from .stages import StagePlan, stage_lvr_config, stage_plan
@@ -193,6 +197,7 @@ class Trainer:
         self.global_step = 0
         self.epochs_done = 0       # epochs over all stages (seeds the data order)
         self.stages_done: list[int] = []
+        self._stop = StopRequest()  # replaced by the one train() installs
 
     # -- setup ------------------------------------------------------------------------------------
     @property
@@ -351,10 +356,47 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def train(self, resume: bool = False) -> TrainResult:
-        """Run (or with ``resume=True`` continue) the curriculum; returns a :class:`TrainResult`."""
+        """Run (or with ``resume=True`` continue) the curriculum; returns a :class:`TrainResult`.
+
+        SIGINT / SIGTERM (in the main thread): the first finishes the step or checkpoint in progress, then every
+        process stops at the next step boundary and :class:`~lvr_engine.training.interrupt.TrainingInterrupted`
+        is raised; a second aborts at once. Either way no temporary checkpoint directory is left behind and the
+        last complete checkpoint resumes exactly (interrupt.py)."""
+        with StopRequest(on_first=self._stop_notice) as self._stop:
+            try:
+                return self._train(resume)
+            except TrainingInterrupted as e:
+                if e.step is None:  # an abort, raised wherever the second signal found the run
+                    e.step = self.global_step
+                raise
+
+    def _stop_notice(self, signum: int) -> None:
+        if self.is_main:  # os.write: the signal may arrive in the middle of a print to stderr
+            name = signal.Signals(signum).name
+            lead = "\n" if self.cfg.progress else ""  # off the progress bar's line
+            os.write(2, f"{lead}training: {name} received; stopping after the current step or checkpoint "
+                        f"(send it again to abort at once)\n".encode())
+
+    def _stop_agreed(self, local: torch.Tensor | None = None) -> int:
+        """The signal number when some process was asked to stop, else 0. ``local``: :meth:`_stop_flags`
+        already summed over processes by the caller's own reduce; None: summed here (every process must call)."""
+        if local is None:
+            local = self.accelerator.reduce(self._stop_flags(), "sum")
+        count, signums = float(local[0]), float(local[1])
+        return int(round(signums / count)) if count > 0 else 0
+
+    def _stop_flags(self) -> torch.Tensor:
+        sig = self._stop.signum
+        return torch.tensor([1.0 if sig else 0.0, float(sig or 0)], dtype=torch.float64,
+                            device=self.accelerator.device)
+
+    def _train(self, resume: bool) -> TrainResult:
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.accelerator
+        if self.is_main:  # what an earlier run killed mid-checkpoint left: temp dirs, a checkpoint moved aside
+            remove_partial(self.output_dir)
+        acc.wait_for_everyone()
         ckpt = None
         if resume:
             ckpt = self.latest_checkpoint()
@@ -414,6 +456,9 @@ class Trainer:
             self.publish(dest)
             result.checkpoint = dest
             self._print(f"stage {stage.index} done: checkpoint {dest}")
+            signum = self._stop_agreed()
+            if signum and not completed:
+                raise TrainingInterrupted(signum, step=self.global_step)
             if cfg.stop_after_stage is not None and stage.index >= cfg.stop_after_stage and not completed:
                 break
         result.global_step = self.global_step
@@ -456,9 +501,13 @@ class Trainer:
                     local_tokens = batch.num_target_tokens + n_markers * B
                     processed = (int(batch.attention_mask.sum()) + local_tokens
                                  + B * stage.num_latent_steps * (cfg.patches + 1))
-                counts = acc.reduce(torch.tensor([local_tokens, B * stage.num_latent_steps, processed],
-                                                 dtype=torch.float64, device=acc.device), "sum")
-                n_tok, n_lat, n_proc = (float(c) for c in counts.tolist())
+                counts = acc.reduce(torch.cat([torch.tensor([local_tokens, B * stage.num_latent_steps, processed],
+                                                            dtype=torch.float64, device=acc.device),
+                                               self._stop_flags()]), "sum")
+                signum = self._stop_agreed(counts[3:])
+                if signum:  # a stop was requested on some process: all stop here, before this step's forward
+                    raise TrainingInterrupted(signum, step=self.global_step)
+                n_tok, n_lat, n_proc = (float(c) for c in counts[:3].tolist())
                 if mirage:
                     out = self.module(mirage=batch, mirage_stage=1 if mirage1 else 2, position_mode=cfg.position_mode,
                                       detach_latents=cfg.detach_latents)
