@@ -218,7 +218,8 @@ def test_cli_errors_are_clear(tiny, tmp_path, capsys):
     msg = err(["train", "--model", tiny, "--dataset", "synthetic", "--output", tmp_path / "broken", "--resume",
                "--limit", "2"])
     assert "corrupt" in msg and str(broken) in msg
-    assert "model directory" in err(["eval", "--model", tmp_path / "none", "--dataset", "synthetic"])
+    msg = err(["eval", "--model", tmp_path / "none", "--dataset", "synthetic"])
+    assert "--model" in msg and f"{tmp_path / 'none'} does not exist" in msg
     assert "lvr_config.json" in err(["eval", "--model", tiny, "--dataset", "synthetic", "--limit", "1"])
     with pytest.raises(SystemExit):  # argparse: unknown dataset
         main(["train", "--model", str(tiny), "--dataset", "imagenet", "--output", str(tmp_path / "x")])
