@@ -7,6 +7,8 @@ from dataclasses import dataclass
 # Token names looked up in a checkpoint's tokenizer when an id is given by name (or left None by a preset).
 COCONUT_TOKENS = {"start": "<|start-latent|>", "end": "<|end-latent|>", "latent": "<|latent|>"}
 MIRAGE_TOKENS = {"start": "<|latent_start|>", "end": "<|latent_end|>", "pad": "<|latent_pad|>"}
+# Chameleon's separator: its processor appends it (tokenizer.sep_token) after the prompt text
+CHAMELEON_SEP = "<reserved08706>"
 
 TokenRef = int | str | None
 
@@ -112,6 +114,18 @@ class LatentConfig:
         base = dict(num_latent_steps=3, num_selected_patches=32, position_mode="arange", trigger="prompt",
                     start_marker_id=None, end_marker_id=None, patch_order="official", score_precision="model",
                     placeholder_id=COCONUT_TOKENS["latent"], ignore_first_eos=True)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def ivtlr_chameleon(cls, **overrides) -> "LatentConfig":
+        """IVT-LR on Chameleon as the official inference runs it (``chameleon/infer_chameleon_scienceqa.py``): as
+        :meth:`ivtlr` with 64 patches per step, and the processor's separator ``<reserved08706>`` as the end marker:
+        the official prompt ends ``<|latent|> x3, <sep>`` and runs as the prompt without them, the three latent
+        steps, then the separator, then the answer; a prompt without placeholders gets the separator after its
+        latent steps all the same."""
+        base = dict(num_latent_steps=3, num_selected_patches=64, position_mode="arange", trigger="prompt",
+                    start_marker_id=None, end_marker_id=CHAMELEON_SEP, patch_order="official",
+                    score_precision="model", placeholder_id=COCONUT_TOKENS["latent"], ignore_first_eos=True)
         return cls(**{**base, **overrides})
 
     @classmethod

@@ -171,8 +171,9 @@ class LatentGenerator:
                                          ("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
                                          ("mm_token_type_ids", mm_token_type_ids)))
         input_ids, attention_mask = cpu(input_ids), cpu(attention_mask)
-        if prompt_trigger and cfg.placeholder_id is not None:  # the official layout: prompt + N <|latent|>
-            attention_mask = consume_placeholders(input_ids, attention_mask, cfg.placeholder_id, N)
+        if prompt_trigger and cfg.placeholder_id is not None:  # the official layout: prompt + N <|latent|> [+ end]
+            attention_mask = consume_placeholders(input_ids, attention_mask, cfg.placeholder_id, N,
+                                                  cfg.end_marker_id if N > 0 else None)
         batch = validate_and_layout(self.adapter, input_ids, attention_mask, pixel_values,
                                     cpu(image_grid_thw), mm_token_type_ids, max_new_tokens, N, K)
         use_start = N > 0 and cfg.start_marker_id is not None

@@ -70,7 +70,8 @@ class HFModuleRunner(DecoderRunner):
         cos, sin = self.rotary(positions, x.dtype)
         with self._engine_attention_selected():
             for layer in self.w.layer_modules:
-                out = layer(x, attention_mask=None, position_embeddings=(cos, sin), past_key_values=None,
-                            use_cache=False, lvr_ctx=(self, cache, ctx))
+                # no cache argument: the engine's cache is lvr_ctx's (HF renames past_key_values -> cache in 5.x)
+                out = layer(x, attention_mask=None, position_embeddings=(cos, sin), use_cache=False,
+                            lvr_ctx=(self, cache, ctx))
                 x = out[0] if isinstance(out, tuple) else out
         return x

@@ -112,11 +112,14 @@ def _free_memory(device: torch.device) -> int | None:
     return None
 
 
-def consume_placeholders(input_ids: torch.Tensor, attention_mask, placeholder_id: int, num_latent_steps: int):
+def consume_placeholders(input_ids: torch.Tensor, attention_mask, placeholder_id: int, num_latent_steps: int,
+                         end_marker_id: int | None = None):
     """The official IVT-LR layout: a prompt that ends with ``num_latent_steps`` ``<|latent|>`` placeholders is the
-    same request as the prompt without them (docs/semantics.md). Returns the attention mask (B, S) with each
-    row's trailing placeholders masked out; a row that ends with some other number of them is a ValueError.
-    input_ids (B, S); attention_mask (B, S) or None (all attended)."""
+    same request as the prompt without them (docs/semantics.md). With ``end_marker_id`` (Chameleon: the processor's
+    separator, which follows the placeholders), a prompt ending with the placeholders and then that marker is the
+    same request as the prompt without both: the marker is fed after the latent segment, as the config's end marker.
+    Returns the attention mask (B, S) with each row's consumed tokens masked out; a row that ends with some other
+    number of placeholders is a ValueError. input_ids (B, S); attention_mask (B, S) or None (all attended)."""
     _require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).clone()
     _require_tensor("attention_mask", mask, 2)
@@ -124,14 +127,19 @@ def consume_placeholders(input_ids: torch.Tensor, attention_mask, placeholder_id
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     for b in range(input_ids.shape[0]):
         valid = torch.nonzero(mask[b].bool()).flatten()
+        row = input_ids[b, valid].tolist()
+        # a trailing end marker counts only when placeholders precede it: a prompt may end with that token itself
+        tail = 1 if end_marker_id is not None and len(row) > 1 and row[-1] == end_marker_id \
+            and row[-2] == placeholder_id else 0
         n = 0
-        while n < valid.numel() and int(input_ids[b, valid[valid.numel() - 1 - n]]) == placeholder_id:
+        while n < len(row) - tail and row[len(row) - 1 - tail - n] == placeholder_id:
             n += 1
         if n and n != num_latent_steps:
-            raise ValueError(f"row {b} of input_ids ends with {n} latent placeholder tokens (id {placeholder_id}) "
-                             f"but num_latent_steps={num_latent_steps}; they must be equal")
+            after = " before the end marker" if tail else ""
+            raise ValueError(f"row {b} of input_ids ends with {n} latent placeholder tokens (id {placeholder_id})"
+                             f"{after} but num_latent_steps={num_latent_steps}; they must be equal")
         if n:
-            mask[b, valid[valid.numel() - n:]] = 0
+            mask[b, valid[len(row) - n - tail:]] = 0
     return mask
 
 
@@ -201,35 +209,7 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
     if sum(counts) > 0 or pixel_values is not None or image_grid_thw is not None:
         if pixel_values is None:
             raise ValueError(f"input_ids contain {sum(counts)} image tokens but pixel_values is None")
-        if image_grid_thw is None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        _require_tensor("image_grid_thw", image_grid_thw, 2, (torch.int64, torch.int32))
-        if image_grid_thw.shape[1] != 3:
-            raise ValueError(f"image_grid_thw must be (num_images, 3), got {tuple(image_grid_thw.shape)}")
-        m = adapter.spatial_merge_size
-        odd = (image_grid_thw <= 0).any(1) | (image_grid_thw[:, 1:] % m != 0).any(1)
-        if odd.any():
-            i = int(torch.nonzero(odd)[0])
-            raise ValueError(f"image_grid_thw[{i}] = {image_grid_thw[i].tolist()}: every entry must be positive and "
-                             f"the height and width multiples of the spatial merge size {m}")
-        _require_tensor("pixel_values", pixel_values, 2)
-        if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
-        if adapter.patch_dim is not None and pixel_values.shape[1] != adapter.patch_dim:
-            raise ValueError(f"pixel_values rows have {pixel_values.shape[1]} values, this model's patches have "
-                             f"{adapter.patch_dim} (channels x temporal patch x patch x patch)")
-        if not torch.isfinite(pixel_values).all():
-            rows = torch.nonzero(~torch.isfinite(pixel_values).all(1)).flatten()
-            raise ValueError(f"pixel_values holds NaN or Inf in {rows.numel()} patch row(s), first row {int(rows[0])}")
-        per_image = adapter.image_token_counts(image_grid_thw)
-        if sum(counts) != sum(per_image):
-            raise ValueError(
-                f"image tokens do not match image_grid_thw: input_ids hold {sum(counts)} image tokens, "
-                f"image_grid_thw describes {sum(per_image)} ({per_image} per image)"
-            )
-        n_patches = int(image_grid_thw.prod(-1).sum())
-        if pixel_values.shape[0] != n_patches:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw describes {n_patches}")
+        per_image = adapter.check_images(pixel_values, image_grid_thw, sum(counts))  # the family's layout
         # Each contiguous run of image tokens is one image, in order through the batch.
         it = iter(per_image)
         for b in range(B):
@@ -240,8 +220,8 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
                 n = next(it, None)
                 if n != r:
                     raise ValueError(
-                        f"image tokens do not match image_grid_thw: row {b} has a run of {r} image tokens where "
-                        f"the next image in image_grid_thw has {n}"
+                        f"image tokens do not match {adapter.image_source}: row {b} has a run of {r} image tokens "
+                        f"where the next image in {adapter.image_source} has {n}"
                     )
             images_per_row[b] = len(run_lens)
 

@@ -37,7 +37,8 @@ def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, 
     embeds = embed(ids)
     hdim = embeds.shape[-1]
     if sum(batch.image_counts) > 0:
-        per_image = adapter.encode_images(pixel_values.to(device), image_grid_thw.to(device), compute_dtype=dtype)
+        grid = image_grid_thw.to(device) if image_grid_thw is not None else None  # None: Chameleon (images)
+        per_image = adapter.encode_images(pixel_values.to(device), grid, compute_dtype=dtype)
         image_embeds = _rows_of_images(per_image, batch.images_per_row, image_slots.shape[1], hdim, dtype)
         del per_image
         rows, cols = torch.nonzero(image_slots >= 0, as_tuple=True)

@@ -223,8 +223,12 @@ class DecoderRunner:
         h = self._norm(x, m.in_norm if m else lw.input_norm.weight, ctx)
         if m is not None and ctx.fused_glue:  # one op for rope + cache write, then the fused attention
             kc, vc = cache.layer(i)
-            q = ops.rope_write_kv(self._linear(h, m.qkv, m.qkv_b), cos, sin, kc, vc, ctx.slots, H, Hkv,
-                                  backend="cpu")
+            qkv = self._linear(h, m.qkv, m.qkv_b)
+            if m.q_norm is not None:  # Chameleon: q and k normalised per head before rotary, in place
+                nq, nk = H * D, Hkv * D
+                qkv[..., :nq] = self._qk_norm(qkv[..., :nq].view(B, C, H, D), *m.q_norm).view(B, C, nq)
+                qkv[..., nq:nq + nk] = self._qk_norm(qkv[..., nq:nq + nk].view(B, C, Hkv, D), *m.k_norm).view(B, C, nk)
+            q = ops.rope_write_kv(qkv, cos, sin, kc, vc, ctx.slots, H, Hkv, backend="cpu")
             if last_token:
                 q = q[:, -1:]
             o = ops.chunk_attention_with_scores(q, kc, vc, ctx.new_lens, ctx.image_slots, ctx.scores, self.scale,
@@ -237,10 +241,19 @@ class DecoderRunner:
         else:
             q, k, v = lw.attn.q_proj(h), lw.attn.k_proj(h), lw.attn.v_proj(h)
         del h
-        q = _rope(q.view(B, C, H, D), cos, sin)
-        k = _rope(k.view(B, C, Hkv, D), cos, sin)
+        q, k = q.view(B, C, H, D), k.view(B, C, Hkv, D)
+        if lw.q_norm is not None:  # Chameleon: per-head LayerNorm of q and k before rotary
+            q = self._qk_norm(q, *(m.q_norm if m is not None else (lw.q_norm.weight, lw.q_norm.bias)))
+            k = self._qk_norm(k, *(m.k_norm if m is not None else (lw.k_norm.weight, lw.k_norm.bias)))
+        q = _rope(q, cos, sin)
+        k = _rope(k, cos, sin)
         o = self.attend(i, q, k, v.view(B, C, Hkv, D), cache, ctx, last_token).reshape(B, -1, H * D)
         return self._linear(o, m.o, m.o_b) if m is not None else lw.attn.o_proj(o)
+
+    def _qk_norm(self, x, weight, bias):
+        """Chameleon's query/key LayerNorm: x (B,C,heads,D) normalised over D without affine, then each head's own
+        weight and bias (heads, D), exactly as its ChameleonLayerNorm computes it."""
+        return F.layer_norm(x, (x.shape[-1],), None, None, eps=self.w.qk_norm_eps) * weight + bias
 
     def _mlp_block(self, i, x, ctx):
         lw = self.w.layers[i]
@@ -305,9 +318,11 @@ class DecoderRunner:
     def logits(self, hidden: torch.Tensor, weights=_RESOLVE) -> torch.Tensor:
         """(..., h) final-norm hidden states -> (..., V) logits. ``weights`` as in prefill."""
         cw = self._weights(weights)
-        if cw is None:
-            return self.w.lm_head(hidden)
-        return self._linear(hidden, cw.lm_head, cw.lm_head_b)
+        out = self.w.lm_head(hidden) if cw is None else self._linear(hidden, cw.lm_head, cw.lm_head_b)
+        if self.w.suppressed_token_ids is not None:  # what the model's own forward does (Chameleon's image tokens)
+            ids = self.w.suppressed_token_ids.to(out.device)
+            out = out.index_fill(-1, ids, torch.finfo(out.dtype).min)
+        return out
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings in the compute dtype."""

@@ -47,6 +47,8 @@ class LayerMats:
     down_b: torch.Tensor | None
     in_norm: torch.Tensor
     post_norm: torch.Tensor
+    q_norm: tuple[torch.Tensor, torch.Tensor] | None = None  # Chameleon: (weight, bias) (heads, head_dim) of q's
+    k_norm: tuple[torch.Tensor, torch.Tensor] | None = None  # LayerNorm and k's; None for Qwen2/Llama layers
 
 
 @dataclass
@@ -90,6 +92,9 @@ def _params(w: DecoderWeights) -> list[torch.Tensor]:
             if m.bias is not None:
                 out.append(m.bias)
         out += [l.input_norm.weight, l.post_norm.weight]
+        for qk in (l.q_norm, l.k_norm):
+            if qk is not None:
+                out += [qk.weight, qk.bias]
     out += [w.norm.weight, w.lm_head.weight]
     return out
 
@@ -144,9 +149,10 @@ def _compute_weights(w: DecoderWeights, dtype: torch.dtype) -> ComputeWeights:
     layers = []
     for l in w.layers:
         a, m = l.attn, l.mlp
+        qk = [None if n is None else (conv(n.weight.data), conv(n.bias.data)) for n in (l.q_norm, l.k_norm)]
         layers.append(LayerMats(*mat([a.q_proj, a.k_proj, a.v_proj]), *mat([a.o_proj]),
                                 *mat([m.gate_proj, m.up_proj]), *mat([m.down_proj]),
-                                conv(l.input_norm.weight.data), conv(l.post_norm.weight.data)))
+                                conv(l.input_norm.weight.data), conv(l.post_norm.weight.data), *qk))
     cw = ComputeWeights(dtype, layers, conv(w.norm.weight.data), *mat([w.lm_head]))
     per_model[dtype] = (_signature(w), cw)  # after re-pointing, so the next call hits
     return cw

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import DecoderWeights, LayerWeights, ModelAdapter
+from .chameleon import ChameleonAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .text_models import CausalLMAdapter, GenericCausalLMAdapter
 
@@ -9,6 +10,7 @@ from .text_models import CausalLMAdapter, GenericCausalLMAdapter
 _ADAPTERS = {
     "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
     "Qwen2_5_VLForConditionalGeneration": Qwen2VLAdapter,
+    "ChameleonForConditionalGeneration": ChameleonAdapter,
     "Qwen2ForCausalLM": CausalLMAdapter,
     "LlamaForCausalLM": CausalLMAdapter,
 }
@@ -37,4 +39,4 @@ def adapter_for(model) -> ModelAdapter:
 
 
 __all__ = ["ModelAdapter", "DecoderWeights", "LayerWeights", "adapter_for", "supported_model_classes",
-           "Qwen2VLAdapter", "CausalLMAdapter", "GenericCausalLMAdapter"]
+           "Qwen2VLAdapter", "ChameleonAdapter", "CausalLMAdapter", "GenericCausalLMAdapter"]

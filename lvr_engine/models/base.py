@@ -16,6 +16,9 @@ class LayerWeights:
     mlp: nn.Module           # has gate_proj, up_proj, down_proj
     input_norm: nn.Module    # RMSNorm with .weight and an eps attribute
     post_norm: nn.Module
+    # Chameleon: per-head LayerNorm of q and k before rotary (weight and bias (heads, head_dim)); None elsewhere
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
 
 
 @dataclass
@@ -36,6 +39,10 @@ class DecoderWeights:
     act: str = "silu"
     layer_modules: list[nn.Module] = field(default_factory=list)  # the HF decoder layers (fallback runner)
     rotary_module: nn.Module | None = None                         # the HF rotary embedding module
+    qk_norm_eps: float = 1e-5         # epsilon of the q/k LayerNorms (LayerWeights.q_norm/k_norm), if any
+    # token ids whose logits the model's own forward sets to the dtype's minimum (Chameleon: its image tokens,
+    # so decoding never emits one); None: no such tokens
+    suppressed_token_ids: torch.Tensor | None = None
 
 
 class ModelAdapter(abc.ABC):
@@ -48,6 +55,7 @@ class ModelAdapter(abc.ABC):
 
     patch_dim: int | None = None  # width of a pixel_values row (multimodal families)
     spatial_merge_size: int = 1  # image grid sides must be multiples of it
+    image_source: str = "image_grid_thw"  # the argument that says how many image tokens each image fills
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -78,10 +86,44 @@ class ModelAdapter(abc.ABC):
     def image_token_counts(self, image_grid_thw: torch.Tensor) -> list[int]:
         raise TypeError(f"{type(self.model).__name__} has no vision tower")
 
-    def prompt_positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw) -> torch.Tensor:
-        """(3, B, S) multimodal rotary positions of the prompt (padding positions arbitrary)."""
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return pos[None].expand(3, -1, -1)
+    def check_images(self, pixel_values, image_grid_thw, num_image_tokens: int) -> list[int]:
+        """Validate a request's images against the model and the ``num_image_tokens`` image placeholder tokens of
+        its prompts, before any compute; return the image tokens each image fills, in order. This default is the
+        Qwen2-VL layout: ``pixel_values`` (num_patches, patch_dim) patch rows and ``image_grid_thw``
+        (num_images, 3) int with positive entries, height and width multiples of ``spatial_merge_size``.
+        ValueError/TypeError naming the problem."""
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        _require_tensor("image_grid_thw", image_grid_thw, 2, (torch.int64, torch.int32))
+        if image_grid_thw.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must be (num_images, 3), got {tuple(image_grid_thw.shape)}")
+        m = self.spatial_merge_size
+        odd = (image_grid_thw <= 0).any(1) | (image_grid_thw[:, 1:] % m != 0).any(1)
+        if odd.any():
+            i = int(torch.nonzero(odd)[0])
+            raise ValueError(f"image_grid_thw[{i}] = {image_grid_thw[i].tolist()}: every entry must be positive and "
+                             f"the height and width multiples of the spatial merge size {m}")
+        _require_tensor("pixel_values", pixel_values, 2)
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        if self.patch_dim is not None and pixel_values.shape[1] != self.patch_dim:
+            raise ValueError(f"pixel_values rows have {pixel_values.shape[1]} values, this model's patches have "
+                             f"{self.patch_dim} (channels x temporal patch x patch x patch)")
+        _require_finite(pixel_values, "patch row", "row")
+        per_image = self.image_token_counts(image_grid_thw)
+        if num_image_tokens != sum(per_image):
+            raise ValueError(
+                f"image tokens do not match image_grid_thw: input_ids hold {num_image_tokens} image tokens, "
+                f"image_grid_thw describes {sum(per_image)} ({per_image} per image)"
+            )
+        n_patches = int(image_grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != n_patches:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw describes {n_patches}")
+        return per_image
+
+    def untrainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters no gradient can reach (the trainer freezes them); none by default."""
+        return []
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -111,3 +153,21 @@ class ModelAdapter(abc.ABC):
     @property
     def text_config(self):
         return getattr(self.config, "text_config", self.config)
+
+
+def _require_tensor(name, x, ndim=None, dtypes=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def _require_finite(pixel_values: torch.Tensor, what: str, first: str) -> None:
+    """ValueError when ``pixel_values`` holds NaN or Inf, counting the bad ``what`` (entries along dim 0) and naming
+    the ``first`` one."""
+    ok = torch.isfinite(pixel_values).reshape(pixel_values.shape[0], -1).all(1)
+    if not ok.all():
+        rows = torch.nonzero(~ok).flatten()
+        raise ValueError(f"pixel_values holds NaN or Inf in {rows.numel()} {what}(s), first {first} {int(rows[0])}")

@@ -9,6 +9,7 @@ import os
 _CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "chameleon": "ChameleonForConditionalGeneration",
     "qwen2": "Qwen2ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
