@@ -616,6 +616,57 @@ def cmd_convert(args, argv) -> int:
     return 0
 
 
+# -- lvr serve ----------------------------------------------------------------------------------------
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       description="POST /v1/chat/completions (streaming or not; latent options in 'latent'), "
+                                   "GET /v1/models, /health, /metrics. Replicas behind any load balancer scale it "
+                                   "out: the server keeps no state across requests.")
+    p.add_argument("--model", required=True, help="local checkpoint directory (with its processor)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="rows in the pool (requests decoding at once)")
+    p.add_argument("--max-len", type=int, default=2048,
+                   help="positions per row: prompt + latent positions + max_tokens of one request must fit")
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens of a request that gives none")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192, help="prompt tokens admitted per iteration")
+    p.add_argument("--allowed-local-media", action="append", default=[], metavar="DIR",
+                   help="let image_url name local files under DIR (repeatable); default: data: URLs only")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the checkpoint loads (CPU)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args, argv) -> int:
+    for name in ("max_batch", "max_len", "max_images", "default_max_tokens", "max_prefill_tokens"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port < 65536:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    if not Path(args.model).is_dir():
+        raise CLIError(f"model directory {args.model} does not exist")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"lvr serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from None
+    from .serve import ServingEngine, run
+
+    try:
+        engine = ServingEngine.from_pretrained(
+            args.model, device=args.device, model_name=args.served_model_name, max_batch=args.max_batch,
+            max_len=args.max_len, max_images=args.max_images, allowed_local_media=args.allowed_local_media,
+            default_max_tokens=args.default_max_tokens, max_prefill_tokens=args.max_prefill_tokens)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    print(f"lvr serve: {engine.model_name} on http://{args.host}:{args.port}/v1 ({args.max_batch} rows x "
+          f"{args.max_len} positions)", flush=True)
+    run(engine, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmark suites (pytest benchmarks/ --benchmark-only)")
     p.add_argument("pytest_args", nargs="*", help="extra arguments for pytest, e.g. -k engine")
@@ -647,7 +698,8 @@ def cmd_demo(args, argv) -> int:
 
 
 # -- registration -------------------------------------------------------------------------------------
-COMMANDS = [add_demo, add_train, add_eval, add_generate, add_tiny_model, add_analyze, add_convert, add_bench]
+COMMANDS = [add_demo, add_train, add_eval, add_generate, add_tiny_model, add_analyze, add_convert, add_serve,
+            add_bench]
 """Subcommand registrations, in help order: each adds its parser and sets ``func(args, argv) -> int``."""
 
 

@@ -98,6 +98,20 @@ def latent_block(seg: LatentSegment, h_last: torch.Tensor, out: torch.Tensor | N
     return torch.cat([z, h_last[:, None]], 1)
 
 
+def segment_chunk(seg: LatentSegment, block: torch.Tensor, last: bool,
+                  tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk a latent step feeds: its block (B, K+1, h), and after the segment's last step the end marker
+    (when the segment has one) and ``tail`` (B, T, h) behind it: (B, K+1 [+1] [+T], h). The continuous-batching
+    scheduler (engine/scheduler.py) runs rows at different steps of their segments through this and
+    ``latent_block``, a group of rows at a time."""
+    if not last:
+        return block
+    B = block.shape[0]
+    extra = ([seg.end_embed.to(block.dtype).expand(B, 1, -1)] if seg.end_embed is not None else []) + (
+        [tail] if tail is not None else [])
+    return torch.cat([block, *extra], 1) if extra else block
+
+
 # forward(chunk (B,C,h), with_scores, last_step) -> hidden (B,C',h) whose last row is the chunk's last position
 Forward = Callable[[torch.Tensor, bool, bool], torch.Tensor]
 
@@ -113,7 +127,6 @@ def run_latent_steps(seg: LatentSegment, h_last: torch.Tensor, forward: Forward,
     is chosen after it). Returns the last forward's hidden states and the fed-back hidden states h_1..h_N
     (each (B, h)).
     """
-    B = h_last.shape[0]
     fed_hidden = []
     out = None
     for t in range(seg.num_steps):
@@ -126,11 +139,6 @@ def run_latent_steps(seg: LatentSegment, h_last: torch.Tensor, forward: Forward,
         if keep is not None:
             keep.append(block.clone())
         last = t == seg.num_steps - 1
-        if last:
-            extra = ([seg.end_embed.to(block.dtype).expand(B, 1, -1)] if seg.end_embed is not None else []) + (
-                [tail] if tail is not None else [])
-            if extra:
-                block = torch.cat([block, *extra], 1)
-        out = forward(block, seg.k > 0 and not last, last)
+        out = forward(segment_chunk(seg, block, last, tail), seg.k > 0 and not last, last)
         h_last = out[:, -1]
     return out, fed_hidden
