@@ -121,6 +121,11 @@ class ModelAdapter(abc.ABC):
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw describes {n_patches}")
         return per_image
 
+    def prompt_positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw) -> torch.Tensor:
+        """(3, B, S) multimodal rotary positions of the prompt (padding positions arbitrary)."""
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos[None].expand(3, -1, -1)
+
     def untrainable_parameters(self) -> list[nn.Parameter]:
         """Parameters no gradient can reach (the trainer freezes them); none by default."""
         return []
