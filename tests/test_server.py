@@ -126,7 +126,7 @@ def _solo(engine, body) -> tuple[list, list]:
 
 
 def _create(server, body, **kw):
-    extra = {k: body[k] for k in ("latent", "return_token_ids", "ignore_eos") if k in body}
+    extra = {k: body[k] for k in ("latent", "return_token_ids", "ignore_eos", "stop_token_ids") if k in body}
     std = {k: v for k, v in body.items() if k not in extra}
     return server.client.chat.completions.create(**std, extra_body=extra, **kw)
 
@@ -285,9 +285,14 @@ def test_bad_requests_get_4xx_while_a_good_request_completes(server, model_dir):
     assert _create(server, local).choices[0].token_ids == _create(server, inline).choices[0].token_ids
 
 
-def test_stop_string_cuts_the_text(server):
-    body = _body(9, max_tokens=12, latent={"num_latent_steps": 0})
+def test_stop_strings_and_stop_tokens(server):
+    body = _body(9, max_tokens=12, latent={"num_latent_steps": 0}, ignore_eos=True)
     tokens, _ = _solo(server.engine, body)
+    # a stop token (besides the model's EOS): the answer ends with its first occurrence
+    stop_id = tokens[4]
+    r = _create(server, {**body, "stop_token_ids": [stop_id]})
+    assert r.choices[0].token_ids == tokens[: tokens.index(stop_id) + 1] and r.choices[0].finish_reason == "stop"
+    # a stop string: the text ends before it
     text = server.engine.decode(tokens)
     stop = text[len(text) // 2: len(text) // 2 + 2]
     assert stop.strip(), f"the answer has no usable stop string: {text!r}"

@@ -262,7 +262,7 @@ class Scheduler:
         if isinstance(grid, torch.Tensor):
             grid = grid.cpu()
         if self.prompt_trigger and cfg.placeholder_id is not None:  # as generate: the official trailing placeholders
-            mask = consume_placeholders(ids, mask, cfg.placeholder_id, N)
+            mask = consume_placeholders(ids, mask, cfg.placeholder_id, N, cfg.end_marker_id if N > 0 else None)
         batch = validate_and_layout(ad, ids, mask, pv, grid, mm, max_new, N, K)
         use_start = N > 0 and cfg.start_marker_id is not None
         use_end = N > 0 and cfg.end_marker_id is not None

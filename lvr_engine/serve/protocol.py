@@ -47,7 +47,8 @@ class ChatRequest:
     """A checked chat-completions request. ``temperature`` None: the model's generation config decides;
     ``max_tokens`` None: as many as the pool row has room for, up to the server's default. Extensions (as vLLM
     names them): ``top_k``, ``return_token_ids`` (the generated ids in each choice / chunk), ``ignore_eos``
-    (generate ``max_tokens`` tokens whatever the model emits); ``latent``: N and K of the latent segment."""
+    (the model's EOS does not stop it), ``stop_token_ids`` (stop tokens besides the model's EOS); ``latent``: N and K
+    of the latent segment."""
 
     model: str
     messages: list[Message]
@@ -63,6 +64,7 @@ class ChatRequest:
     num_selected_patches: int | None = None
     return_token_ids: bool = False
     ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -77,7 +79,8 @@ _NEUTRAL = {
 }
 _IGNORED = {"user": str, "metadata": dict, "service_tier": str}
 _KNOWN = {"model", "messages", "stream", "stream_options", "temperature", "top_p", "top_k", "max_tokens",
-          "max_completion_tokens", "seed", "stop", "latent", "return_token_ids", "ignore_eos"}
+          "max_completion_tokens", "seed", "stop", "latent", "return_token_ids", "ignore_eos",
+          "stop_token_ids"}
 _KNOWN |= set(_NEUTRAL) | set(_IGNORED)
 LATENT_FIELDS = ("num_latent_steps", "num_selected_patches")
 
@@ -155,6 +158,13 @@ def parse_chat_request(body: Any, *, max_images: int) -> ChatRequest:
     req.stop = _stop(body.get("stop"))
     req.return_token_ids = bool(_bool(body, "return_token_ids"))
     req.ignore_eos = bool(_bool(body, "ignore_eos"))
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                for t in ids):
+            raise bad(f"'stop_token_ids' must be an array of token ids (integers >= 0), got {ids!r}",
+                      "stop_token_ids")
+        req.stop_token_ids = list(ids)
     latent = body.get("latent")
     if latent is not None:
         if not isinstance(latent, dict):

@@ -144,7 +144,14 @@ class ServingEngine:
                        pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"),
                        mm_token_type_ids=enc.get("mm_token_type_ids"), max_new_tokens=req.max_tokens,
                        num_latent_steps=req.num_latent_steps, num_selected_patches=req.num_selected_patches,
-                       eos_token_id=[] if req.ignore_eos else None, **sampling)
+                       eos_token_id=self._stop_ids(req), **sampling)
+
+    def _stop_ids(self, req: ChatRequest):
+        """The request's stop tokens: ``stop_token_ids`` and, unless ``ignore_eos``, the model's EOS ids."""
+        if not req.stop_token_ids:
+            return [] if req.ignore_eos else None  # None: the model's
+        eos = set() if req.ignore_eos else set(self.generator.adapter.eos_token_ids)
+        return sorted(eos | set(req.stop_token_ids))
 
     def _resize(self, image):
         if self.image_size is None or image.size == (self.image_size, self.image_size):
