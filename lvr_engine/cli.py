@@ -422,16 +422,18 @@ def cmd_eval(args, argv) -> int:
 
 # -- lvr tiny-model -----------------------------------------------------------------------------------
 def add_tiny_model(sub) -> None:
-    p = sub.add_parser("tiny-model", help="write a tiny random-init Qwen2-VL checkpoint (tests, CPU demo)")
+    p = sub.add_parser("tiny-model", help="write a tiny random-init Qwen2-VL (or Chameleon) checkpoint (tests, demo)")
     p.add_argument("path")
-    p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl"))
+    p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "chameleon"),
+                   help="chameleon: its VQ-VAE, tokenizer and processor included (--vision-* do not apply)")
     p.add_argument("--hidden-size", type=positive_int, default=128)
     p.add_argument("--num-layers", type=positive_int, default=4)
     p.add_argument("--num-heads", type=positive_int, default=4)
     p.add_argument("--num-kv-heads", type=positive_int, default=2)
     p.add_argument("--vision-depth", type=positive_int, default=2)
     p.add_argument("--vision-embed-dim", type=positive_int, default=64)
-    p.add_argument("--image-size", type=positive_int, default=224, help="every image becomes (size/28)^2 tokens")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="every image becomes (size/28)^2 tokens (default 224); chameleon: (size/4)^2 (default 32)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
@@ -441,10 +443,18 @@ def cmd_tiny_model(args, argv) -> int:
     from .models.tiny import write_tiny_model
 
     try:  # the sizes are checked (ValueError) before anything is written
-        path = write_tiny_model(args.path, family=args.family, hidden_size=args.hidden_size,
-                                num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                                vision_depth=args.vision_depth, vision_embed_dim=args.vision_embed_dim,
-                                image_size=args.image_size, seed=args.seed)
+        if args.family == "chameleon":
+            from .models.tiny_chameleon import write_tiny_chameleon
+
+            path = write_tiny_chameleon(args.path, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                        num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                                        image_size=args.image_size or 32, seed=args.seed)
+        else:
+            path = write_tiny_model(args.path, family=args.family, hidden_size=args.hidden_size,
+                                    num_layers=args.num_layers, num_heads=args.num_heads,
+                                    num_kv_heads=args.num_kv_heads, vision_depth=args.vision_depth,
+                                    vision_embed_dim=args.vision_embed_dim, image_size=args.image_size or 224,
+                                    seed=args.seed)
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(f"wrote tiny {args.family} checkpoint to {path}")
@@ -504,7 +514,12 @@ def cmd_generate(args, argv) -> int:
         template = (meta or {}).get("template", "ivtlr")
         text = format_prompt(ex, template) if args.choices else args.question  # no options: the question as asked
         prompt = encode_prompts([ex], gen.processor, template=template, image_size=(meta or {}).get("image_size"),
-                                prompt_texts=[text])
+                                prompt_texts=[text],
+                                latent_steps=gen.config.num_latent_steps
+                                if gen.config.placeholder_id is not None and gen.config.trigger == "prompt" else 0)
+        if args.heatmap and gen.adapter.family == "chameleon":
+            raise CLIError("--heatmap draws Qwen2-VL patch grids; a Chameleon model's image tokens cover its "
+                           "processor's center crop, which the heat map does not draw")
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     try:
@@ -589,9 +604,13 @@ def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="turn a released checkpoint into a model directory lvr loads",
                        description="ivtlr: the official IVT-LR model.pth (a peft LoRA of Qwen2-VL in transformers "
                                    "4.51's layout) + its base -> merged safetensors, processor, lvr_config.json.")
-    p.add_argument("format", choices=("ivtlr",), help="ivtlr: FYYDCC/IVT-LR's released Qwen2-VL model.pth")
+    p.add_argument("format", choices=("ivtlr",), help="ivtlr: FYYDCC/IVT-LR's released model.pth")
+    p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "chameleon"),
+                   help="the release's backbone: qwen2_vl (Qwen2-VL-7B-Instruct) or chameleon (Chameleon-7B)")
     p.add_argument("--checkpoint", required=True, help="the model.pth (read with torch.load(weights_only=True))")
-    p.add_argument("--base", required=True, help="local copy of the base checkpoint (Qwen2-VL-7B-Instruct)")
+    p.add_argument("--base", required=True,
+                   help="local copy of the base checkpoint (Qwen2-VL-7B-Instruct, or Chameleon-7B with --family "
+                        "chameleon)")
     p.add_argument("--output", required=True, help="new directory for the converted model")
     p.add_argument("--lora-r", type=int, default=64, help="the LoRA rank it was trained with (official: 64)")
     p.add_argument("--lora-alpha", type=float, default=16, help="the LoRA alpha (official: 16)")
@@ -608,11 +627,13 @@ def cmd_convert(args, argv) -> int:
     alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
     try:
         out = convert_ivtlr(args.checkpoint, args.base, args.output, lora_r=args.lora_r, lora_alpha=alpha,
-                            dtype=args.dtype, log=lambda msg: print(msg, flush=True))
+                            dtype=args.dtype, family=args.family, log=lambda msg: print(msg, flush=True))
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
+    how = "--dataset scienceqa --judge ivtlr" if args.family == "chameleon" else \
+        "--template ivtlr_infer --judge ivtlr_infer"
     print(f"converted {args.checkpoint} to {out}; run it with: lvr generate --model {out} ... "
-          f"or lvr eval --model {out} --template ivtlr_infer --judge ivtlr_infer ...")
+          f"or lvr eval --model {out} {how} ...")
     return 0
 
 

@@ -175,7 +175,9 @@ def evaluate(model, examples: Sequence[ReasoningExample], mode: str = "latent", 
             if blind:
                 raise ValueError(f"mode='latent' selects {K} image patches per step, but examples {blind} have no "
                                  "image; evaluate image questions only (require_image=True when loading)")
-        prompt = encode_prompts(batch, gen.processor, template=template, image_size=image_size)
+        # a template in the official IVT-LR layout carries one placeholder per latent step the generator consumes
+        prompt = encode_prompts(batch, gen.processor, template=template, image_size=image_size,
+                                latent_steps=N if cfg.placeholder_id is not None else 0)
         t0 = time.perf_counter()
         out = gen.generate(**prompt.model_inputs(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature, top_p=top_p,

@@ -42,6 +42,24 @@ chat template without a generation prompt, then ``<|im_start|>assistant`` with n
 training sequence) is ``"\\n"`` + ``text_output`` verbatim + the end-of-turn token + ``"\\n"``; the latents go where
 ``text_output`` has ``<output_image>`` (the trainer's business, training/mirage.py).
 
+``"ivtlr_chameleon"`` is the prompt of the official Chameleon inference (``chameleon/infer_chameleon_scienceqa.py`` of
+FYYDCC/IVT-LR) for ScienceQA::
+
+    <image>[Question]:{<question>}
+    [Options]:
+    (A).{<choice 0>}
+    (B).{<choice 1>}
+    Answer:
+
+with no chat template (``chat=False``): the text goes to ``ChameleonProcessor`` as it is, which adds BOS, puts the
+image tokens between its image markers where ``<image>`` stands (the image at the processor's own size, 512x512 for
+Chameleon-7B) and appends its separator ``<reserved08706>`` after the text. The official script appends
+``<|latent|><|latent|><|latent|>`` to the text first (``latent_placeholder``: one per latent step the request runs,
+so the separator follows them; the engine consumes both and feeds the separator after the latent steps —
+``LatentConfig.ivtlr_chameleon()``). Its target is the official Chameleon training target: the steps, then
+``"Therefore, the answer is <0-based index>"``; its answers are judged by ``judge="ivtlr"`` on ScienceQA (the official
+``extract_answer``: a digit after "the answer is", else a letter, as the index).
+
 Templates live in :data:`PROMPT_TEMPLATES`; add your own with :func:`register_template`.
 """
 
@@ -95,6 +113,13 @@ class PromptTemplate:
         add_generation_prompt: render the chat template with the assistant's generation prompt.
         target_prefix: text the target starts with (Mirage: ``"\\n"``, the newline after ``assistant``).
         target_suffix: text after the end-of-turn token of the target (Mirage: ``"\\n"``).
+        chat: render the chat template (True), or give the user text to the processor as it is, with each
+            ``image_placeholder`` left for the processor to expand (Chameleon, which has no chat template).
+        latent_placeholder: the official IVT-LR layout: this token once per latent step of the request after the
+            text (``encode_prompts(latent_steps=)``; none without latent steps), consumed by the engine as the
+            steps (``LatentConfig.placeholder_id``). ``None``: no placeholders.
+        end_marker: the token that follows the placeholders in the processed prompt (Chameleon: the separator its
+            processor appends), fed after the latent steps (``LatentConfig.end_marker_id``); ``None``: none.
     """
 
     name: str
@@ -111,6 +136,9 @@ class PromptTemplate:
     add_generation_prompt: bool = True
     target_prefix: str = ""
     target_suffix: str = ""
+    chat: bool = True
+    latent_placeholder: str | None = None
+    end_marker: str | None = None
 
 
 class Target(NamedTuple):
@@ -157,6 +185,16 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
         generation_suffix="<|latent|>" * 3,
         image_size=IVTLR_IMAGE_SIZE,
     ),
+    "ivtlr_chameleon": PromptTemplate(
+        name="ivtlr_chameleon",
+        prompt="<image>[Question]:{{{question}}}\n[Options]:\n{options}\nAnswer:",
+        option="({letter}).{{{choice}}}",
+        answer="Therefore, the answer is {index}",
+        image_placeholder="<image>",
+        chat=False,
+        latent_placeholder="<|latent|>",
+        end_marker="<reserved08706>",
+    ),
     "mirage": PromptTemplate(
         name="mirage",
         prompt="{question}",
@@ -174,8 +212,10 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
 ``"ivtlr_context"`` (plus a ``[Context]:{...}`` line when the example has context),
 ``"ivtlr_scienceqa"`` (IVT-LR's ScienceQA target, the 0-based answer index instead of the letter),
 ``"ivtlr_infer"`` (the official M3CoT inference prompt of the released checkpoints: ``A.{...}`` options, ends
-at ``Answer:``, images 280x280, three ``<|latent|>`` placeholders after the generation prompt), ``"mirage"``
-(Mirage's prompt: ``text_input`` verbatim with images at ``<image>``, ends with ``<|im_start|>assistant``)."""
+at ``Answer:``, images 280x280, three ``<|latent|>`` placeholders after the generation prompt), ``"ivtlr_chameleon"``
+(the official Chameleon ScienceQA inference prompt: no chat template, the image at ``<image>``, one ``<|latent|>`` per
+latent step, the processor's separator after them), ``"mirage"`` (Mirage's prompt: ``text_input`` verbatim with
+images at ``<image>``, ends with ``<|im_start|>assistant``)."""
 
 
 def register_template(template: PromptTemplate, overwrite: bool = False) -> PromptTemplate:

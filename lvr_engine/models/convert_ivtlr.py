@@ -23,6 +23,15 @@ conversion mapping for this class (``^visual`` -> ``model.visual``, ``^model`` -
     visual.<rest>    -> model.visual.<rest>
     lm_head.weight   -> lm_head.weight
 
+The Chameleon release (``family="chameleon"``, FYYDCC/IVT-LR ``chameleon/``) is the same wrapper around a peft LoRA
+(r=64, alpha=16, the same seven projections) of ``ChameleonForConditionalGeneration`` (Chameleon-7B), saved without
+the ``module.`` prefix, the three tokens added in the same order and the embeddings resized. Its transformers 4.51
+key layout is the installed one (``model.embed_tokens``, ``model.layers.N.*`` with their ``q_norm``/``k_norm``,
+``model.norm``, ``model.vqmodel.*`` the VQ-VAE, ``lm_head``): no renames. It converts to
+``LatentConfig.ivtlr_chameleon()`` (the official Chameleon inference: K=64, the processor's separator fed after the
+latent steps) with template ``ivtlr_chameleon`` (``infer_chameleon_scienceqa.py``'s prompt; images as the processor
+resizes them, 512x512).
+
 The LoRA is merged as ``W = W_base + (alpha / r) * B @ A``, computed in fp32 and rounded once to ``dtype`` (the
 official inference runs the unmerged adapter in bf16, so a bf16 conversion can differ from it in the last bit of
 some activations; in fp32 the two agree to rounding). Only the base's config, tokenizer and processor are read:
@@ -44,7 +53,7 @@ from .loading import LVR_CONFIG
 from .processors import load_processor, save_processor
 
 __all__ = ["convert_ivtlr", "read_state_dict", "legacy_key", "IVTLR_SPECIAL_TOKENS", "LORA_TARGETS",
-           "PEFT_PREFIX", "WRAPPER_EMBEDDING", "DTYPES"]
+           "PEFT_PREFIX", "WRAPPER_EMBEDDING", "DTYPES", "FAMILIES"]
 
 IVTLR_SPECIAL_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
 """The tokens the official code adds to the Qwen2-VL tokenizer, in this order, as additional special tokens."""
@@ -53,12 +62,19 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PEFT_PREFIX = "base_causallm.base_model.model."
 WRAPPER_EMBEDDING = "embedding.weight"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FAMILIES = ("qwen2_vl", "chameleon")
+"""The backbones of the official releases: ``model_type`` of the base each converts on top of."""
+_BASE_NAMES = {"qwen2_vl": "Qwen2-VL-7B-Instruct", "chameleon": "Chameleon-7B"}
+_KEY_LAYOUTS = {"qwen2_vl": "transformers 4.51 Qwen2-VL keys", "chameleon": "transformers 4.51 Chameleon keys"}
 _SHOWN = 20  # names listed in an error before "... and N more"
 
 
-def legacy_key(key: str) -> str:
-    """The transformers 4.51 name of installed Qwen2-VL parameter ``key`` (inverse of the module docstring's
-    mapping): ``model.language_model.X`` -> ``model.X``, ``model.visual.X`` -> ``visual.X``, others unchanged."""
+def legacy_key(key: str, family: str = "qwen2_vl") -> str:
+    """The transformers 4.51 name of installed parameter ``key`` (inverse of the module docstring's mapping). Qwen2-VL:
+    ``model.language_model.X`` -> ``model.X``, ``model.visual.X`` -> ``visual.X``, others unchanged; Chameleon:
+    unchanged (4.51 and the installed transformers lay it out alike)."""
+    if family == "chameleon":
+        return key
     if key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
     if key.startswith("model.visual."):
@@ -114,36 +130,42 @@ def _strip_module(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch
     return out
 
 
-def _qwen2_vl_config(base: Path):
-    """The base's config (transformers ``Qwen2VLConfig``); ValueError unless it is a Qwen2-VL checkpoint."""
+def _base_config(base: Path, family: str = "qwen2_vl"):
+    """The base's config; ValueError unless it is a checkpoint of ``family`` (its ``model_type``)."""
     cfg_file = base / "config.json"
+    want = _BASE_NAMES[family]
     if not base.is_dir():
         raise FileNotFoundError(f"base checkpoint directory {base} does not exist")
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"base {base} has no config.json (expected a local Qwen2-VL-7B-Instruct copy)")
+        raise FileNotFoundError(f"base {base} has no config.json (expected a local {want} copy)")
     try:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ValueError(f"base {cfg_file} is not a valid config.json: {e}") from e
-    if model_type != "qwen2_vl":
-        raise ValueError(f"base {base} is a {model_type!r} model, not Qwen2-VL (model_type 'qwen2_vl'): the "
-                         "released IVT-LR checkpoints are LoRA fine-tunes of Qwen2-VL-7B-Instruct")
+    if model_type != family:
+        name = {"qwen2_vl": "Qwen2-VL", "chameleon": "Chameleon"}[family]
+        raise ValueError(f"base {base} is a {model_type!r} model, not {name} (model_type {family!r}): the "
+                         f"released IVT-LR {name} checkpoints are LoRA fine-tunes of {want}"
+                         + ("; pass --family chameleon for the Chameleon release" if model_type == "chameleon" else "")
+                         + ("; pass --family qwen2_vl for the Qwen2-VL release" if model_type == "qwen2_vl" else ""))
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(base)
 
 
-def _empty_model(config, vocab: int):
-    """``Qwen2VLForConditionalGeneration`` of ``config`` with ``vocab`` token rows, parameters on the meta device
-    (shapes only; the converted tensors are assigned later)."""
-    from transformers import Qwen2VLForConditionalGeneration
+def _empty_model(config, vocab: int, family: str = "qwen2_vl"):
+    """``Qwen2VLForConditionalGeneration`` (or ``ChameleonForConditionalGeneration``) of ``config`` with ``vocab``
+    token rows, parameters on the meta device (shapes only; the converted tensors are assigned later)."""
+    import transformers
 
+    cls = getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                 "chameleon": "ChameleonForConditionalGeneration"}[family])
     config.get_text_config().vocab_size = vocab
     with torch.device("meta"):
-        return Qwen2VLForConditionalGeneration(config)
+        return cls(config)
 
 
-def _expected(model) -> dict[str, tuple[str, str]]:
+def _expected(model, family: str = "qwen2_vl") -> dict[str, tuple[str, str]]:
     """``{official key: (installed parameter, role)}`` for every tensor the official state dict must hold; role
     is ``"weight"`` (copied), ``"base"`` (a LoRA target's frozen weight / bias), ``"lora_A"`` or ``"lora_B"``."""
     lora_modules = {name for name, mod in model.named_modules()
@@ -152,26 +174,31 @@ def _expected(model) -> dict[str, tuple[str, str]]:
     for name in model.state_dict():
         module, _, param = name.rpartition(".")
         if module in lora_modules:
-            stem = PEFT_PREFIX + legacy_key(module)
+            stem = PEFT_PREFIX + legacy_key(module, family)
             out[f"{stem}.base_layer.{param}"] = (name, "base")
             if param == "weight":
                 out[f"{stem}.lora_A.default.weight"] = (name, "lora_A")
                 out[f"{stem}.lora_B.default.weight"] = (name, "lora_B")
         else:
-            out[PEFT_PREFIX + legacy_key(name)] = (name, "weight")
-    out[WRAPPER_EMBEDDING] = ("model.language_model.embed_tokens.weight", "weight")
+            out[PEFT_PREFIX + legacy_key(name, family)] = (name, "weight")
+    out[WRAPPER_EMBEDDING] = (_embed_key(family), "weight")
     return out
 
 
+def _embed_key(family: str) -> str:
+    """The installed name of the decoder's token embedding."""
+    return "model.embed_tokens.weight" if family == "chameleon" else "model.language_model.embed_tokens.weight"
+
+
 def _check_keys(expected: Mapping[str, tuple[str, str]], state: Mapping[str, torch.Tensor], path: Path,
-                base: Path) -> None:
+                base: Path, family: str = "qwen2_vl") -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         parts = [_listing(missing, "missing keys")] if missing else []
         parts += [_listing(unexpected, "unexpected keys")] if unexpected else []
         raise ValueError(f"{path} does not match the official IVT-LR layout for base {base} (peft LoRA on "
-                         f"{', '.join(LORA_TARGETS)}, transformers 4.51 Qwen2-VL keys):\n" + "\n".join(parts))
+                         f"{', '.join(LORA_TARGETS)}, {_KEY_LAYOUTS[family]}):\n" + "\n".join(parts))
 
 
 def _check_shapes(expected: Mapping[str, tuple[str, str]], state: Mapping[str, torch.Tensor], model, r: int,
@@ -246,19 +273,25 @@ def _generation_config(tok, config):
     return GenerationConfig(bos_token_id=bos, eos_token_id=tok.eos_token_id, pad_token_id=pad, do_sample=False)
 
 
-def _lvr_meta(tok, checkpoint: Path, base: Path, r: int, alpha: float, dtype: str) -> dict:
+def _lvr_meta(tok, checkpoint: Path, base: Path, r: int, alpha: float, dtype: str,
+              family: str = "qwen2_vl") -> dict:
     # engine and data sit above models; imported here only to write the official setup the engine will read
     from ..data.prompts import IVTLR_IMAGE_SIZE
     from ..engine.config import LatentConfig
 
-    latent = LatentConfig.ivtlr().resolve_tokens(tok)
+    if family == "chameleon":  # its separator must be a token of the base: resolve_tokens says so otherwise
+        latent, template, size = LatentConfig.ivtlr_chameleon().resolve_tokens(tok), "ivtlr_chameleon", None
+    else:
+        latent, template, size = LatentConfig.ivtlr().resolve_tokens(tok), "ivtlr_infer", IVTLR_IMAGE_SIZE
     return {"latent_config": dataclasses.asdict(latent), "objective": "ivtlr", "eval_mode": "latent",
-            "template": "ivtlr_infer", "image_size": IVTLR_IMAGE_SIZE,
-            "converted_from": {"format": "ivtlr", "checkpoint": str(checkpoint.resolve()),
+            "template": template, "image_size": size,
+            "converted_from": {"format": "ivtlr", "family": family, "checkpoint": str(checkpoint.resolve()),
                                "base": str(base.resolve()), "lora_r": r, "lora_alpha": alpha, "dtype": dtype}}
 
 
-def _check_args(lora_r, lora_alpha, dtype) -> None:
+def _check_args(lora_r, lora_alpha, dtype, family="qwen2_vl") -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1:
         raise ValueError(f"lora_r must be a positive int, got {lora_r!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
@@ -268,36 +301,38 @@ def _check_args(lora_r, lora_alpha, dtype) -> None:
 
 
 def convert_ivtlr(checkpoint, base, output, *, lora_r: int = 64, lora_alpha: float = 16, dtype: str = "bfloat16",
-                  log: Callable[[str], None] | None = None) -> Path:
-    """Convert the official IVT-LR ``checkpoint`` (``model.pth``) on top of ``base`` (a local Qwen2-VL checkpoint
-    directory: config, tokenizer, processor; Qwen2-VL-7B-Instruct for the released models) into ``output``.
+                  family: str = "qwen2_vl", log: Callable[[str], None] | None = None) -> Path:
+    """Convert the official IVT-LR ``checkpoint`` (``model.pth``) on top of ``base`` (a local checkpoint directory
+    of ``family``: config, tokenizer, processor; Qwen2-VL-7B-Instruct, or Chameleon-7B for ``family="chameleon"``)
+    into ``output``.
 
     ``output`` gets: the merged model as safetensors (``save_pretrained``; vocabulary resized to the checkpoint's
     embedding rows), the processor with the three latent tokens added, a ``generation_config.json`` whose EOS is
     the tokenizer's EOS alone (the official loop stops there, greedy), and ``lvr_config.json`` holding
-    ``LatentConfig.ivtlr()`` (the official inference setup), template ``ivtlr_infer`` and image size 280.
+    ``LatentConfig.ivtlr()`` (the official inference setup), template ``ivtlr_infer`` and image size 280 — for
+    Chameleon ``LatentConfig.ivtlr_chameleon()`` and template ``ivtlr_chameleon`` (the processor's own image size).
 
     Everything is checked before anything is written: ``FileExistsError`` when ``output`` exists,
     ``FileNotFoundError`` for a missing checkpoint or base, ``ValueError`` for a file that is not a state dict, a
-    base that is not Qwen2-VL, missing or unexpected keys (listed), a tensor whose shape does not fit the base
-    (named, both shapes), a tokenizer whose size does not match the checkpoint's vocabulary. The result is written
-    into a temporary directory beside ``output`` and renamed at the end; on any error nothing is left.
-    ``log(message)`` receives progress lines. Returns ``output``.
+    base that is not of ``family``, missing or unexpected keys (listed), a tensor whose shape does not fit the base
+    (named, both shapes), a tokenizer whose size does not match the checkpoint's vocabulary (or, for Chameleon,
+    that lacks the separator). The result is written into a temporary directory beside ``output`` and renamed at
+    the end; on any error nothing is left. ``log(message)`` receives progress lines. Returns ``output``.
     """
-    _check_args(lora_r, lora_alpha, dtype)
+    _check_args(lora_r, lora_alpha, dtype, family)
     say = log or (lambda msg: None)
     checkpoint, base, output = Path(checkpoint), Path(base), Path(output)
     if output.exists():
         raise FileExistsError(f"output {output} already exists; choose a new directory")
-    config = _qwen2_vl_config(base)
+    config = _base_config(base, family)
     processor = load_processor(base)
     say(f"reading {checkpoint}")
     state = _strip_module(read_state_dict(checkpoint), checkpoint)
     embed = state.get(PEFT_PREFIX + "model.embed_tokens.weight")
     vocab = embed.shape[0] if embed is not None and embed.dim() == 2 else config.get_text_config().vocab_size
-    model = _empty_model(config, vocab)
-    expected = _expected(model)
-    _check_keys(expected, state, checkpoint, base)
+    model = _empty_model(config, vocab, family)
+    expected = _expected(model, family)
+    _check_keys(expected, state, checkpoint, base, family)
     _check_shapes(expected, state, model, lora_r, checkpoint, base)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     _check_copies(state, tied, checkpoint)
@@ -309,7 +344,7 @@ def convert_ivtlr(checkpoint, base, output, *, lora_r: int = 64, lora_alpha: flo
     model.config.dtype = DTYPES[dtype]
     model.config.get_text_config().dtype = DTYPES[dtype]
     model.generation_config = _generation_config(tok, model.config)
-    meta = _lvr_meta(tok, checkpoint, base, lora_r, lora_alpha, dtype)
+    meta = _lvr_meta(tok, checkpoint, base, lora_r, lora_alpha, dtype, family)
 
     say(f"writing {output}")
     created = next((p for p in reversed(output.parents) if not p.exists()), None)  # topmost missing parent

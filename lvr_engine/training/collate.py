@@ -116,30 +116,46 @@ def _resize(image, image_size):
 
 def encode_prompts(examples: Sequence[ReasoningExample], processor, *, template="ivtlr",
                    image_size: int | tuple[int, int] | None = None,
-                   prompt_texts: Sequence[str] | None = None) -> EncodedPrompts:
+                   prompt_texts: Sequence[str] | None = None, latent_steps: int = 0) -> EncodedPrompts:
     """Chat-formatted, left-padded prompts of ``examples`` with their images through ``processor``.
 
     ``image_size`` resizes every image first (IVT-LR: 280); None: the template's ``image_size``, else the
     processor's own resizing. The template's ``generation_suffix`` follows the rendered chat text; its
-    ``image_placeholder`` places the images in the text (Mirage's ``<image>``).
+    ``image_placeholder`` places the images in the text (Mirage's ``<image>``). A template with ``chat=False``
+    (Chameleon) gives the user text to the processor as it is (the processor expands each ``image_placeholder``
+    into the image's tokens; rows without an image lose theirs). A template's ``latent_placeholder`` follows the
+    text ``latent_steps`` times (the official IVT-LR layout of a request that runs that many latent steps).
     Rows without an image get a text-only prompt (the others' images still go through the processor).
     ``prompt_texts`` replaces ``format_prompt(example, template)`` as the user text of each row.
     """
     if not examples:
         raise ValueError("encode_prompts needs at least one example")
-    if not hasattr(processor, "apply_chat_template"):
-        raise TypeError(f"{type(processor).__name__} has no chat template (pass the checkpoint's processor)")
     if prompt_texts is not None and len(prompt_texts) != len(examples):
         raise ValueError(f"{len(prompt_texts)} prompt_texts for {len(examples)} examples")
     t = get_template(template)
+    if t.chat and not hasattr(processor, "apply_chat_template"):
+        raise TypeError(f"{type(processor).__name__} has no chat template (pass the checkpoint's processor)")
+    if t.chat and _no_chat_template(processor):  # what transformers would raise, saying what to do
+        raise ValueError(f"{type(processor).__name__} has no chat template to render template {t.name!r}; a "
+                         "Chameleon model takes a template without one (template='ivtlr_chameleon')")
+    if isinstance(latent_steps, bool) or not isinstance(latent_steps, int) or latent_steps < 0:
+        raise ValueError(f"latent_steps must be a non-negative int, got {latent_steps!r}")
+    latent_suffix = (t.latent_placeholder or "") * latent_steps
     image_size = t.image_size if image_size is None else image_size
     texts, images = [], []
     for i, ex in enumerate(examples):
         user = format_prompt(ex, template) if prompt_texts is None else prompt_texts[i]
-        messages = chat_messages(ex, user, image_size=image_size, image_placeholder=t.image_placeholder)
-        texts.append(processor.apply_chat_template(messages, add_generation_prompt=t.add_generation_prompt,
-                                                   tokenize=False) + t.generation_suffix)
         row_images = getattr(ex, "images", None) or ([ex.image] if ex.image is not None else [])
+        if not t.chat:  # the processor expands the image placeholders itself (the images first if the text has none)
+            if t.image_placeholder and not row_images:
+                user = user.replace(t.image_placeholder, "")
+            elif t.image_placeholder and t.image_placeholder not in user:
+                user = t.image_placeholder * len(row_images) + user
+            texts.append(user + t.generation_suffix + latent_suffix)
+        else:
+            messages = chat_messages(ex, user, image_size=image_size, image_placeholder=t.image_placeholder)
+            texts.append(processor.apply_chat_template(messages, add_generation_prompt=t.add_generation_prompt,
+                                                       tokenize=False) + t.generation_suffix + latent_suffix)
         images.extend(_resize(im, image_size) for im in row_images)
     tok = _tokenizer(processor)
     side = tok.padding_side
@@ -158,6 +174,13 @@ def encode_prompts(examples: Sequence[ReasoningExample], processor, *, template=
         mm_token_type_ids=enc.get("mm_token_type_ids"), pixel_values=enc.get("pixel_values"),
         image_grid_thw=enc.get("image_grid_thw"),
     )
+
+
+def _no_chat_template(processor) -> bool:
+    """True for a processor that has no chat template to render (ChameleonProcessor); a bare tokenizer counts as
+    having one when it carries a template."""
+    return getattr(processor, "chat_template", None) is None and \
+        getattr(getattr(processor, "tokenizer", None), "chat_template", None) is None
 
 
 def encode_images(images, processor, image_size=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +215,7 @@ def collate(examples: Sequence[ReasoningExample], processor, stage: int = 0, *, 
     n_latent = 0 if mode == "direct" else (stage if latent_steps is None else int(latent_steps))
     if n_latent < 0:
         raise ValueError(f"latent_steps must be >= 0, got {latent_steps}")
-    prompt = encode_prompts(examples, processor, template=template, image_size=image_size)
+    prompt = encode_prompts(examples, processor, template=template, image_size=image_size, latent_steps=n_latent)
     tok = _tokenizer(processor)
     eot = end_of_turn_id(processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eot

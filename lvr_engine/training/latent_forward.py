@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine.inputs import validate_and_layout
+from ..engine.inputs import consume_placeholders, validate_and_layout
 from ..engine.kv_cache import FunctionalKVCache
 from ..engine.latent_step import begin_segment, run_latent_steps
 from ..engine.prompt import next_positions, prepare_prompt
@@ -40,16 +40,21 @@ def latent_forward(runner: DecoderRunner, adapter: ModelAdapter, *, input_ids, a
                    num_latent_steps: int, num_selected_patches: int, start_marker_id=None, end_marker_id=None,
                    position_mode: str = "mrope", detach_latents: bool = False,
                    supervise_markers: bool = False, patch_order: str = "ascending",
-                   score_precision: str = "fp32") -> LatentForwardOutput:
+                   score_precision: str = "fp32", placeholder_id: int | None = None) -> LatentForwardOutput:
     """Loss and latents of a batch at stage ``num_latent_steps`` (shapes: input_ids (B,S) prompt with either
     padding side; target_ids/target_mask (B,T) right-padded target text incl. EOS).
 
     ``detach_latents=True`` feeds back h_t without gradient (the official IVT-LR behaviour); by default the
     gradient flows through every fed-back hidden state as in Coconut. The latent steps are the engine's
     (engine/latent_step.py), run with autograd; ``patch_order``/``score_precision`` as in LatentConfig.
+    ``placeholder_id``: prompts in the official IVT-LR layout end with ``num_latent_steps`` of these (then the end
+    marker, when there is one), consumed as at inference (``LatentConfig.placeholder_id``).
     """
     s, K = num_latent_steps, (num_selected_patches if num_latent_steps > 0 else 0)
     cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    if placeholder_id is not None:  # the official layout: the same request as the prompt without them
+        attention_mask = consume_placeholders(cpu(input_ids), cpu(attention_mask), placeholder_id, s,
+                                              end_marker_id if s > 0 else None)
     batch = validate_and_layout(adapter, cpu(input_ids), cpu(attention_mask), pixel_values, cpu(image_grid_thw),
                                 mm_token_type_ids, 1, s, K)
     if target_ids.ndim != 2 or target_ids.shape[0] != batch.ids.shape[0]:

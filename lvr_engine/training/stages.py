@@ -52,6 +52,8 @@ def stage_lvr_config(cfg: TrainConfig, stage: StagePlan, markers: dict[str, int 
                       start_marker_id=markers.get("start") if N else None,
                       end_marker_id=markers.get("end") if N else None)
         eval_mode = "latent" if N else "cot"
+        if N and markers.get("placeholder") is not None:  # prompts in the official layout (Chameleon)
+            latent["placeholder_id"] = markers["placeholder"]
     latent["position_mode"] = cfg.position_mode
     if latent["num_selected_patches"]:
         latent.update(patch_order=cfg.patch_order, score_precision=cfg.score_precision)

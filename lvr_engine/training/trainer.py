@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..data.example import ReasoningExample
+from ..data.prompts import get_template
 from ..engine.config import COCONUT_TOKENS, MIRAGE_TOKENS
 from ..engine.hf_runner import HFModuleRunner
 from ..engine.runner import DecoderRunner
@@ -127,12 +128,14 @@ class LatentLossModule(nn.Module):
         runner_cls = DecoderRunner if self.adapter.lean_runner else HFModuleRunner
         self.runner = runner_cls(self.adapter.decoder_weights(), backend=backend)
         self.runner.gradient_checkpointing = gradient_checkpointing
+        for p in self.adapter.untrainable_parameters():  # e.g. Chameleon's VQ-VAE: no gradient reaches it
+            p.requires_grad_(False)
 
     def forward(self, input_ids=None, attention_mask=None, target_ids=None, target_mask=None, pixel_values=None,
                 image_grid_thw=None, mm_token_type_ids=None, *, num_latent_steps: int = 0,
                 num_selected_patches: int = 0, start_marker_id=None, end_marker_id=None, position_mode="mrope",
                 detach_latents=False, supervise_markers=False, patch_order="ascending", score_precision="fp32",
-                mirage=None, mirage_stage: int = 0) -> dict:
+                mirage=None, mirage_stage: int = 0, placeholder_id=None) -> dict:
         """Shapes: input_ids/attention_mask (B, S), target_ids/target_mask (B, T), pixel values as the processor
         returns them; or ``mirage`` (a :class:`~lvr_engine.training.mirage.MirageBatch`) with ``mirage_stage`` 1 or
         2. Returns ``{"ce_sum": scalar, "num_tokens": int, "cos_sum": scalar (Mirage stage 1; else 0)}``."""
@@ -146,7 +149,7 @@ class LatentLossModule(nn.Module):
             target_ids=target_ids, target_mask=target_mask, num_latent_steps=num_latent_steps,
             num_selected_patches=num_selected_patches, start_marker_id=start_marker_id, end_marker_id=end_marker_id,
             position_mode=position_mode, detach_latents=detach_latents, supervise_markers=supervise_markers,
-            patch_order=patch_order, score_precision=score_precision)
+            patch_order=patch_order, score_precision=score_precision, placeholder_id=placeholder_id)
         return {"ce_sum": out.ce_sum, "num_tokens": out.num_tokens, "cos_sum": out.ce_sum.new_zeros(())}
 
 
@@ -217,6 +220,9 @@ class Trainer:
             return {}
         if self.cfg.is_mirage:
             return {"start": MIRAGE_TOKENS["start"], "end": MIRAGE_TOKENS["end"], "pad": MIRAGE_TOKENS["pad"]}
+        t = get_template(self.cfg.template)
+        if t.latent_placeholder is not None:  # the official layout (Chameleon): its placeholder and end marker
+            return {k: v for k, v in (("placeholder", t.latent_placeholder), ("end", t.end_marker)) if v}
         if self.cfg.use_markers:
             return {"start": COCONUT_TOKENS["start"], "end": COCONUT_TOKENS["end"]}
         return {}
@@ -480,7 +486,8 @@ class Trainer:
                       start_marker_id=self.markers.get("start") if use_markers else None,
                       end_marker_id=self.markers.get("end") if use_markers else None,
                       position_mode=cfg.position_mode, detach_latents=cfg.detach_latents, supervise_markers=supervise,
-                      patch_order=cfg.patch_order, score_precision=cfg.score_precision)
+                      patch_order=cfg.patch_order, score_precision=cfg.score_precision,
+                      placeholder_id=self.markers.get("placeholder"))
         n_markers = sum(kwargs[k] is not None for k in ("start_marker_id", "end_marker_id")) if supervise else 0
         text_w = cfg.mirage_text_weight if mirage1 else 1.0
         mirage = cfg.is_mirage and stage.num_latent_steps > 0  # Mirage's sequence, training/mirage.py
