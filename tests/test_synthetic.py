@@ -57,13 +57,13 @@ def _shape_name(mask: np.ndarray) -> str:
     raise AssertionError(f"unclassifiable shape: fill {fill:.2f}, top {top:.2f}, bottom {bottom:.2f}")
 
 
-def read_board(image) -> dict:
+def read_board(image, grid: int = GRID) -> dict:
     arr = np.asarray(image.convert("RGB")).astype(int)
     H, W, _ = arr.shape
-    ch, cw = H // GRID, W // GRID
+    ch, cw = H // grid, W // grid
     board = {}
-    for r in range(GRID):
-        for c in range(GRID):
+    for r in range(grid):
+        for c in range(grid):
             cell = arr[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw]
             mask = np.abs(cell - 255).sum(-1) > 60
             if mask.sum() < 30:
@@ -80,8 +80,34 @@ def _singular(plural: str) -> str:
 
 
 def solve(image, question: str, choices: list[str]) -> int:
-    board = read_board(image)
+    return solve_board(read_board(image), question, choices)
 
+
+def asked_cells(board: dict, question: str, grid: int = GRID) -> tuple[tuple, set]:
+    """(anchor cell, the cells the question is about) on a board read from pixels."""
+    def find(color, shape):
+        hits = [rc for rc, v in board.items() if v == (shape, color)]
+        assert len(hits) == 1, f"anchor {color} {shape} appears {len(hits)} times"
+        return hits[0]
+
+    if m := re.fullmatch(r"Find the (\w+) (\w+)\. How many other shapes are in its (row|column)\?", question):
+        ar, ac = find(m[1], m[2])
+        line = [(ar, c) for c in range(grid)] if m[3] == "row" else [(r, ac) for r in range(grid)]
+        return (ar, ac), {rc for rc in line if rc in board and rc != (ar, ac)}
+    if m := re.fullmatch(r"What color is the shape directly right of the (\w+) (\w+)\?", question):
+        ar, ac = find(m[1], m[2])
+        return (ar, ac), {(ar, ac + 1)}
+    if m := re.fullmatch(r"What shape is directly below the (\w+) (\w+)\?", question):
+        ar, ac = find(m[1], m[2])
+        return (ar, ac), {(ar + 1, ac)}
+    if m := re.fullmatch(r"Are there more (\w+) left or right of the (\w+) (\w+)\?", question):
+        shape = _singular(m[1])
+        ar, ac = find(m[2], m[3])
+        return (ar, ac), {(r, c) for (r, c), v in board.items() if c != ac and v[0] == shape}
+    raise AssertionError(f"unparsed question {question!r}")
+
+
+def solve_board(board: dict, question: str, choices: list[str], grid: int = GRID) -> int:
     def find(color, shape):
         hits = [rc for rc, v in board.items() if v == (shape, color)]
         assert len(hits) == 1, f"anchor {color} {shape} appears {len(hits)} times"
@@ -90,9 +116,9 @@ def solve(image, question: str, choices: list[str]) -> int:
     if m := re.fullmatch(r"Find the (\w+) (\w+)\. How many other shapes are in its (row|column)\?", question):
         ar, ac = find(m[1], m[2])
         if m[3] == "row":
-            n = sum((ar, c) in board for c in range(GRID) if c != ac)
+            n = sum((ar, c) in board for c in range(grid) if c != ac)
         else:
-            n = sum((r, ac) in board for r in range(GRID) if r != ar)
+            n = sum((r, ac) in board for r in range(grid) if r != ar)
         return choices.index(str(n))
     if m := re.fullmatch(r"What color is the shape directly right of the (\w+) (\w+)\?", question):
         ar, ac = find(m[1], m[2])
@@ -108,6 +134,72 @@ def solve(image, question: str, choices: list[str]) -> int:
         word = "none" if nl == nr == 0 else "equal" if nl == nr else "left" if nl > nr else "right"
         return choices.index(word)
     raise AssertionError(f"unparsed question {question!r}")
+
+
+def read_helper(image, grid: int) -> tuple[dict, dict]:
+    """A helper image read from its pixels: (board of the chromatic shapes, {cell: "grey" | "black"} for the
+    framed cells). A frame is the cell's outermost ring of pixels in one achromatic colour; achromatic pixels
+    may appear nowhere but in a band along the cell's edge."""
+    arr = np.asarray(image.convert("RGB")).astype(int)
+    H, W, _ = arr.shape
+    ch, cw = H // grid, W // grid
+    board, frames = {}, {}
+    for r in range(grid):
+        for c in range(grid):
+            cell = arr[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw]
+            spread = cell.max(-1) - cell.min(-1)
+            white = (cell > 235).all(-1)
+            achromatic = ~white & (spread < 30)
+            ring = np.concatenate([cell[0], cell[-1], cell[:, 0], cell[:, -1]])
+            if (np.abs(ring - 128) < 20).all():
+                frames[(r, c)] = "grey"
+            elif (ring < 40).all():
+                frames[(r, c)] = "black"
+            else:
+                assert not achromatic.any(), f"stray frame pixels in unframed cell {(r, c)}"
+            band = max(2, ch // 8)
+            inner = achromatic[band:-band, band:-band]
+            assert not inner.any(), f"frame pixels inside cell {(r, c)}"
+            mask = ~white & (spread >= 30)
+            if mask.sum() < 30:
+                continue
+            assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+            board[(r, c)] = (_shape_name(mask), _color_name(np.median(cell[mask], axis=0)))
+    return board, frames
+
+
+_CAPTION = re.compile(r"Imagined board: the (\w+) (\w+) in row (\d), column (\d); marked: (.*)\.")
+_MARKED = re.compile(r"an? (\w+) (\w+) in row (\d), column (\d)")
+
+
+def read_caption(text: str) -> tuple[tuple, dict, dict]:
+    """(anchor cell, anchor (shape, colour), {marked cell: (shape, colour)}) parsed from a caption."""
+    m = _CAPTION.fullmatch(text)
+    assert m, text
+    marked = {}
+    if m[5] != "nothing":
+        items = _MARKED.findall(m[5])
+        assert items, text
+        rebuilt = [f"a {a} {b} in row {r}, column {c}" for a, b, r, c in items]
+        assert m[5] == (rebuilt[0] if len(rebuilt) == 1 else ", ".join(rebuilt[:-1]) + " and " + rebuilt[-1]), text
+        marked = {(int(r) - 1, int(c) - 1): (b, a) for a, b, r, c in items}
+    return (int(m[3]) - 1, int(m[4]) - 1), (m[2], m[1]), marked
+
+
+def check_helper_and_caption(ex, grid: int) -> None:
+    """The helper image and the caption of ``ex`` say what the question needs, checked from the pixels of the
+    image: the anchor alone framed grey where it is on the image, exactly the asked-about cells framed black,
+    with the image's shapes, nothing else drawn; solving the question on the helper board gives the gold answer;
+    the caption names the same cells and shapes."""
+    board = read_board(ex.image, grid)
+    anchor, asked = asked_cells(board, ex.question, grid)
+    hboard, frames = read_helper(ex.metadata["helper_image"], grid)
+    assert frames == {anchor: "grey", **{rc: "black" for rc in asked}}, (ex.id, frames, anchor, asked)
+    assert hboard == {rc: board[rc] for rc in [anchor, *asked]}, ex.id
+    assert solve_board(hboard, ex.question, ex.choices, grid) == ex.answer_index, ex.id
+    c_anchor, c_item, c_marked = read_caption(ex.metadata["caption"])
+    assert (c_anchor, c_item) == (anchor, board[anchor]), ex.metadata["caption"]
+    assert c_marked == {rc: board[rc] for rc in asked}, ex.metadata["caption"]
 
 
 def _key(ex) -> str:
@@ -171,7 +263,7 @@ def test_layout_metadata_renders_the_image(train):
 def test_deterministic_by_seed():
     a = make_synthetic_dataset(24, seed=7)
     b = make_synthetic_dataset(24, seed=7)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert (x.id, x.question, x.choices, x.answer, x.steps) == (y.id, y.question, y.choices, y.answer, y.steps)
         assert x.image.tobytes() == y.image.tobytes()
     # a prefix of a longer dataset is the shorter dataset
@@ -180,7 +272,7 @@ def test_deterministic_by_seed():
     assert _key(make_synthetic_example(5, seed=7)) == _key(a[5])
     # another seed gives other examples
     other = make_synthetic_dataset(24, seed=8)
-    assert sum(_key(x) == _key(y) for x, y in zip(a, other)) == 0
+    assert sum(_key(x) == _key(y) for x, y in zip(a, other, strict=True)) == 0
 
 
 def test_splits_disjoint(train, test_split):
@@ -258,3 +350,47 @@ def test_corpus_covers_vocabulary(train):
     for ex in train[:100]:
         for text in [ex.question, *ex.steps, *ex.choices]:
             assert set(re.findall(r"[A-Za-z]+", text)) <= words
+
+
+def test_helper_images_and_captions(train):
+    for ex in train[:200]:
+        check_helper_and_caption(ex, GRID)
+    assert {ex.metadata["qtype"] for ex in train[:200]} == {
+        "count_row", "count_col", "right_color", "below_shape", "compare_sides"}
+    # a count of 0 is "marked: nothing." and a helper image with the anchor alone
+    empty = [ex for ex in train if ex.metadata["qtype"].startswith("count") and ex.answer == "A"]
+    assert empty and all(ex.metadata["caption"].endswith("marked: nothing.") for ex in empty)
+
+
+def test_helper_images_and_captions_demo_size():
+    # the demo's boards: 3 x 3 cells of 28 px (one image token per cell), two question types
+    for split in ("train", "test"):
+        for ex in make_synthetic_dataset(150, seed=1, split=split, grid=3, canvas=84, fill=0.2,
+                                         qtypes=("right_color", "below_shape")):
+            check_helper_and_caption(ex, 3)
+
+
+def test_helper_checker_catches_mistakes():
+    """The checks above fail on a wrong helper image or caption."""
+    import dataclasses
+
+    from lvr_engine.data.synthetic import render_helper
+
+    ex = make_synthetic_example(3, seed=0, grid=3, canvas=84, fill=0.2, qtypes=("below_shape",))
+    layout = ex.metadata["layout"]
+    ar, ac = ex.metadata["anchor_cell"]
+    wrong_cell = (ar, (ac + 1) % 3)   # a cell beside the anchor instead of below it
+    bad = [dict(ex.metadata, helper_image=render_helper(layout, (ar, ac), [wrong_cell])),
+           dict(ex.metadata, helper_image=render_helper(layout, (ar, ac), [])),
+           dict(ex.metadata, caption=ex.metadata["caption"].replace(f"row {ar + 2}", f"row {ar + 1}")),
+           dict(ex.metadata, caption=ex.metadata["caption"].replace("marked: a", "marked: the"))]
+    check_helper_and_caption(ex, 3)
+    for md in bad:
+        with pytest.raises(AssertionError):
+            check_helper_and_caption(dataclasses.replace(ex, metadata=md), 3)
+
+
+def test_corpus_covers_captions(train):
+    words = set(re.findall(r"[A-Za-z]+", " ".join(task_corpus())))
+    for ex in train[:100]:
+        assert set(re.findall(r"[A-Za-z]+", ex.metadata["caption"])) <= words

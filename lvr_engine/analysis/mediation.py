@@ -12,6 +12,10 @@ The chain is input (treatment) -> latent steps (mediator) -> answer (outcome). T
   ``z_t``) and count how many answers change; the first answer token's KL divergence and the drop of the
   clean top token's probability give a graded effect.
 
+:func:`mediation_readout` condenses the set into the handful of numbers CapImagine's argument turns on (answer
+flip rates under zeroed / swapped / random-patch latents with the swap's ceiling, the latents' change when the image
+is swapped, and their collapse: :func:`pairwise_cosine` across questions), each next to its reference scale.
+
 Everything runs batched through :meth:`LatentGenerator.generate` (``latent_hook`` / ``return_latents``); the
 latent step itself is never re-implemented here. The only extra observation is the hidden state that
 produces the first answer token and its logits, read by wrapping ``generator.runner.logits`` for the
@@ -52,6 +56,8 @@ __all__ = [
     "latent_sensitivity",
     "answer_sensitivity",
     "run_mediation",
+    "pairwise_cosine",
+    "mediation_readout",
     "first_token_answer",
     "letter_answer",
 ]
@@ -160,7 +166,7 @@ def _answers(rec: RunRecord, answer_fn) -> list:
 
 
 def _changed(a: list, b: list) -> torch.Tensor:
-    return torch.tensor([x != y for x, y in zip(a, b)], dtype=torch.bool)
+    return torch.tensor([x != y for x, y in zip(a, b, strict=True)], dtype=torch.bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +207,8 @@ def pixel_noise(std: float = 1.0, seed: int = 0, relative: bool = True) -> Pertu
 def blank_image(fill: float = 0.0) -> Perturbation:
     """Every image replaced by a constant one (``fill`` in normalised units: 0 = the normalisation mean, a
     flat grey)."""
-    return Perturbation("blank_image", lambda batch: {**batch, "pixel_values": torch.full_like(batch["pixel_values"], fill)})
+    return Perturbation("blank_image",
+                        lambda batch: {**batch, "pixel_values": torch.full_like(batch["pixel_values"], fill)})
 
 
 def _image_groups(grid: torch.Tensor) -> dict:
@@ -270,7 +277,8 @@ class InterventionContext:
             rows, i = [], 0
             for b in range(ids.shape[0]):
                 starts = int(((img[b, 1:] - img[b, :-1]) == 1).sum()) + int(img[b, 0])
-                rows.append(torch.cat(per_image[i:i + starts], 0) if starts else per_image[0].new_zeros(0, per_image[0].shape[-1]))
+                rows.append(torch.cat(per_image[i:i + starts], 0) if starts
+                            else per_image[0].new_zeros(0, per_image[0].shape[-1]))
                 i += starts
             self._row_images = rows
         return self._row_images
@@ -498,7 +506,8 @@ def latent_sensitivity(generator, batch, perturb: Callable[[dict], dict], *, ref
         ref_changed = _changed(_answers(clean_plain, answer_fn), _answers(pert_plain, answer_fn))
     return LatentSensitivity(
         name=name, h_cos=h_cos, h_rel_l2=h_rel, z_cos=z_cos, jaccard=jac,
-        final_cos=_cos(clean.final_hidden, pert.final_hidden), final_rel_l2=_rel_l2(clean.final_hidden, pert.final_hidden),
+        final_cos=_cos(clean.final_hidden, pert.final_hidden),
+        final_rel_l2=_rel_l2(clean.final_hidden, pert.final_hidden),
         ref_cos=ref_cos, ref_rel_l2=ref_rel,
         answer_changed=_changed(_answers(clean, answer_fn), _answers(pert, answer_fn)), ref_answer_changed=ref_changed)
 
@@ -635,3 +644,79 @@ def run_mediation(generator, batch, perturbations: Sequence | None = None, inter
         bar.update(1)
     bar.close()
     return report
+
+
+# --------------------------------------------------------------------------------------------------
+# the condensed readout
+
+
+def pairwise_cosine(x: torch.Tensor) -> float:
+    """Mean cosine similarity over all ordered pairs of distinct rows of ``x`` (B, h), B >= 2: how alike the
+    vectors of different questions are (1.0 = all point the same way, CapImagine's "collapse")."""
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"pairwise_cosine needs a (B >= 2, h) tensor, got shape {tuple(x.shape)}")
+    u = F.normalize(x.double(), dim=-1, eps=1e-12)
+    sim = u @ u.T
+    B = x.shape[0]
+    return float((sim.sum() - sim.diagonal().sum()) / (B * (B - 1)))
+
+
+def mediation_readout(generator, batch, *, answer_fn=None, max_new_tokens: int = 1, seed: int = 0,
+                      shift: int = 1, progress: bool = False) -> dict:
+    """CapImagine's causal-mediation questions on one batch, as plain numbers (a JSON-ready dict).
+
+    Latent -> answer (answers by ``answer_fn``, default the first token): ``flip_rate`` under
+    ``zero`` (:func:`zero_hidden`: the latent text ``h_t`` zeroed at every step), ``swap`` (:func:`swap_blocks`: each
+    row's whole latent blocks replaced by those of the row ``shift`` later) and, when K >= 1, ``random_patches``
+    (:func:`shuffle_patches`: random image patches as the latent vision ``z_t``). ``swap_ceiling`` is the share of
+    rows whose donor row answers differently in the clean run: the swap flip rate of a model whose answer follows
+    its latents entirely.
+
+    Input -> latent (``image_swap``, :func:`swap_images` with the same ``shift``): the latent text's relative L2
+    change and cosine to the clean one (mean over rows and steps), the patch sets' Jaccard overlap (K >= 1), and the
+    answer change rate; ``ref_*`` are the same for the ordinary prompt's last hidden state (no latent segment), the
+    scale of "reacts to the image".
+
+    Collapse: ``latent_pairwise_cos`` the mean pairwise cosine of ``h_t`` across the batch's questions (mean over
+    steps; ``latent_pairwise_cos_per_step``), ``ref_pairwise_cos`` the same for the ordinary prompt's last hidden
+    state. Needs B >= 2 and every image with a same-size partner (ValueError otherwise).
+    """
+    from ..progress import progress_bar
+
+    N, K = _check_generator(generator)
+    B = int(batch["input_ids"].shape[0])
+    if B < 2:
+        raise ValueError("mediation_readout needs a batch of at least 2 questions (swaps and pairwise cosines)")
+    if not _can_swap_images(batch):
+        raise ValueError("mediation_readout swaps images between questions: every image needs a same-size image in "
+                         "the batch")
+    bar = progress_bar(total=6 + (K >= 1), desc="mediation", unit="run", disable=not progress)
+    clean = record_run(generator, batch, max_new_tokens=max_new_tokens)
+    bar.update(1)
+    plain = record_run(_plain_generator(generator), batch, max_new_tokens=max_new_tokens)
+    bar.update(1)
+    flips = {}
+    for key, iv in [("zero", zero_hidden()), ("swap", swap_blocks(shift))] + \
+            ([("random_patches", shuffle_patches(seed))] if K >= 1 else []):
+        flips[key] = answer_sensitivity(generator, batch, iv, answer_fn=answer_fn, max_new_tokens=max_new_tokens,
+                                        clean=clean).flip_rate
+        bar.update(1)
+    answers = _answers(clean, answer_fn)
+    donor = [(b + shift) % B for b in range(B)]
+    ceiling = sum(answers[b] != answers[d] for b, d in enumerate(donor)) / B
+    sens = latent_sensitivity(generator, batch, swap_images(shift), answer_fn=answer_fn,
+                              max_new_tokens=max_new_tokens, clean=clean, clean_plain=plain)
+    bar.update(2)  # the perturbed run with and without the latent segment
+    bar.close()
+    per_step = [pairwise_cosine(clean.latents[:, t, -1]) for t in range(N)]
+    return {
+        "questions": B, "num_latent_steps": N, "num_selected_patches": K,
+        "flip_rate": flips, "swap_ceiling": ceiling,
+        "clean_answer_none_rate": sum(a is None for a in answers) / B,
+        "image_swap": {"latent_rel_l2": _mean(sens.h_rel_l2), "latent_cos": _mean(sens.h_cos),
+                       "patch_jaccard": _mean(sens.jaccard), "answer_change_rate": _mean(sens.answer_changed),
+                       "ref_rel_l2": _mean(sens.ref_rel_l2), "ref_cos": _mean(sens.ref_cos),
+                       "ref_answer_change_rate": _mean(sens.ref_answer_changed)},
+        "latent_pairwise_cos": sum(per_step) / N, "latent_pairwise_cos_per_step": per_step,
+        "ref_pairwise_cos": pairwise_cosine(plain.final_hidden),
+    }

@@ -24,7 +24,16 @@ of merged 28 x 28 patches = 64 image tokens, raster order; each 56 x 56 cell is 
 tokens. :func:`image_token_boxes` maps image-token index -> pixel box, :meth:`GridLayout.cell_tokens`
 maps a cell -> its token indices (for selection heat maps). Each example's ``metadata`` holds
 ``layout`` (:class:`GridLayout`), ``anchor_cell`` and ``inspected_cells`` (the cells step 2 looks at),
-``qtype``, plus ``dataset="synthetic"``, ``split``, ``row``, ``seed``.
+``qtype``, ``helper_image`` and ``caption`` (below), plus ``dataset="synthetic"``, ``split``, ``row``, ``seed``.
+
+Helper image and imagination caption (Mirage's and CapImagine's inputs), in ``metadata["helper_image"]`` and
+``metadata["caption"]``: the *imagined intermediate state* of the question. :func:`render_helper` draws the same
+board with every shape erased but the anchor and the cells the question is about (``inspected_cells``); the
+anchor's cell gets a grey frame, each asked-about cell a black frame (neither colour is in the palette, and
+frames stay clear of the shapes). :func:`imagination_caption` says the same in words, e.g. "Imagined board: the
+red square in row 1, column 2; marked: a blue circle in row 2, column 2." ("marked: nothing." when the question
+is about no shape, e.g. a count of 0). Both are built from the board the image was drawn from, so they are
+correct by construction; tests/test_synthetic.py checks them against an independent pixel solver.
 
 Determinism: example ``i`` of ``(seed, split)`` depends only on ``(seed, split, i)`` (a prefix of a
 larger dataset equals the smaller one). Splits are disjoint by construction: every example's content
@@ -52,6 +61,8 @@ __all__ = [
     "GridLayout",
     "ReasoningExample",
     "render_grid",
+    "render_helper",
+    "imagination_caption",
     "make_synthetic_example",
     "make_synthetic_dataset",
     "image_token_boxes",
@@ -150,6 +161,45 @@ def render_grid(cells: dict, *, grid: int = 4, canvas: int = 224) -> tuple[Image
         box = (c * s + m, r * s + m, (c + 1) * s - 1 - m, (r + 1) * s - 1 - m)
         _draw_shape(draw, shape, box, COLORS[color])
     return img, GridLayout(grid=grid, canvas=canvas, cells=dict(cells))
+
+
+ANCHOR_FRAME = (128, 128, 128)
+"""Frame colour of the anchor's cell in a helper image."""
+MARK_FRAME = (0, 0, 0)
+"""Frame colour of each asked-about cell in a helper image."""
+
+
+def render_helper(layout: GridLayout, anchor_cell: tuple[int, int],
+                  inspected_cells: Sequence[tuple[int, int]]) -> Image.Image:
+    """The helper image of a question (module docstring): ``layout``'s board with only the anchor and the
+    ``inspected_cells`` kept, the anchor's cell framed grey and every inspected cell framed black. Frames are
+    ``max(1, cell // 14)`` px wide along the inside of the cell's edge (the shapes keep a ~18 % margin)."""
+    anchor_cell = tuple(anchor_cell)
+    inspected = [tuple(rc) for rc in inspected_cells]
+    if anchor_cell not in layout.cells:
+        raise ValueError(f"anchor cell {anchor_cell} is empty")
+    keep = {rc: layout.cells[rc] for rc in [anchor_cell, *inspected] if rc in layout.cells}
+    image, _ = render_grid(keep, grid=layout.grid, canvas=layout.canvas)
+    draw = ImageDraw.Draw(image)
+    s = layout.cell_size
+    w = max(1, s // 14)
+    for rc, rgb in [(anchor_cell, ANCHOR_FRAME)] + [(rc, MARK_FRAME) for rc in inspected]:
+        x0, y0, x1, y1 = layout.cell_box(*rc)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=rgb, width=w)
+    return image
+
+
+def imagination_caption(cells: dict, anchor_cell: tuple[int, int],
+                        inspected_cells: Sequence[tuple[int, int]]) -> str:
+    """The helper image in words (CapImagine's text-space imagination): the anchor and where it is, then every
+    marked (asked-about) cell with its content, in raster order."""
+    anchor_cell = tuple(anchor_cell)
+    marked = sorted(tuple(rc) for rc in inspected_cells)
+    head = f"Imagined board: the {_name(cells[anchor_cell])} in {_pos(*anchor_cell)}; marked: "
+    if not marked:
+        return head + "nothing."
+    parts = [f"{_a(cells[rc])} in {_pos(*rc)}" for rc in marked]
+    return head + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + "."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,9 +360,11 @@ class _Gen:
         cap = min(3, len(left), len(right))
         side = SIDE_CHOICES[ans]
         if side == "left":
-            nl = int(rng.integers(1, cap + 1)); nr = int(rng.integers(0, nl))
+            nl = int(rng.integers(1, cap + 1))
+            nr = int(rng.integers(0, nl))
         elif side == "right":
-            nr = int(rng.integers(1, cap + 1)); nl = int(rng.integers(0, nr))
+            nr = int(rng.integers(1, cap + 1))
+            nl = int(rng.integers(0, nr))
         elif side == "equal":
             nl = nr = int(rng.integers(1, cap + 1))
         else:
@@ -352,7 +404,7 @@ def _spec(i: int, seed: int, split: str, grid: int, fill: float, qtypes: Sequenc
     rng = _stream(seed, split, 1, i)
     qtype = qtypes[int(rng.integers(len(qtypes)))]
     bucket = SPLITS.index(split)
-    for attempt in range(1000):
+    for _attempt in range(1000):
         gen = _Gen(rng, grid, fill)
         if qtype == "count_row":
             out = gen.count(ans, "row")
@@ -380,13 +432,15 @@ def make_synthetic_example(i: int, seed: int = 0, split: str = "train", *, grid:
     """Example ``i`` of the ``(seed, split)`` stream (see module docstring)."""
     sp = _spec(i, seed, split, grid, fill, qtypes)
     image, layout = render_grid(sp["cells"], grid=grid, canvas=canvas)
+    helper = render_helper(layout, sp["anchor"], sp["inspected"])
     ai = sp["answer_index"]
     return ReasoningExample(
         id=sp["id"], image=image, question=sp["question"], choices=sp["choices"], answer=LETTERS[ai],
         answer_index=ai, steps=sp["steps"], context="",
         metadata={"dataset": "synthetic", "split": split, "row": int(i), "seed": int(seed),
                   "qtype": sp["qtype"], "layout": layout, "anchor_cell": sp["anchor"],
-                  "inspected_cells": sp["inspected"]},
+                  "inspected_cells": sp["inspected"], "helper_image": helper,
+                  "caption": imagination_caption(sp["cells"], sp["anchor"], sp["inspected"])},
         rationale=" ".join(sp["steps"]),
     )
 
@@ -432,6 +486,7 @@ def task_corpus(n_examples: int = 300, seed: int = 0) -> list[str]:
         sp = _spec(i, seed, "train", 4, 0.5, QTYPES)
         lines.append(sp["question"])
         lines.extend(sp["steps"])
+        lines.append(imagination_caption(sp["cells"], sp["anchor"], sp["inspected"]))
         lines.append("\n".join(f"{LETTERS[j]}. {c}" for j, c in enumerate(sp["choices"])))
         lines.append(_formatted(sp))
     for shape in SHAPES:
