@@ -263,7 +263,7 @@ def published_latent_train_loss(model, ids, target_ids, *, pixel_values=None, im
         append(emb(torch.tensor([start_marker_id])))
         labels.append(torch.tensor([start_marker_id if supervise_markers else -100]))
     chosen = torch.zeros(img_pos.numel(), dtype=torch.bool)
-    for t in range(s):
+    for _ in range(s):
         out = _run(model, torch.cat(seq), torch.cat(positions, 1), want_attn=K > 0)
         h = out.last_hidden_state[0, -1]
         if detach_latents:
@@ -288,5 +288,6 @@ def published_latent_train_loss(model, ids, target_ids, *, pixel_values=None, im
     lab = torch.cat(labels)
     # position i predicts the token at i + 1; a labelled marker is predicted by the position before it
     shift_logits, shift_labels = logits[:-1], lab[1:]
-    ce = torch.nn.functional.cross_entropy(shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32)), shift_labels, ignore_index=-100, reduction="sum")
+    wide = shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32))
+    ce = torch.nn.functional.cross_entropy(wide, shift_labels, ignore_index=-100, reduction="sum")
     return ce, int((shift_labels != -100).sum())

@@ -28,8 +28,7 @@ for p in (ROOT, os.path.join(ROOT, "tests")):   # benchmarks.baselines; tests/ti
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from tiny_models import (EOS, IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START,  # noqa: E402
-                         make_batch)
+from tiny_models import EOS, IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, make_batch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -197,7 +196,7 @@ def per_question(model_key, contender):
 
 def ratio_table():
     rows = {}
-    for model_key, res in RESULTS["engine"].items():
+    for model_key in RESULTS["engine"]:
         out = {}
         for name, num, den, target, op in RATIOS:
             a, b = per_question(model_key, num), per_question(model_key, den)

@@ -15,7 +15,8 @@ benchmarks/conftest.py at the end of the session.
 
 Rounds: each benchmark makes one timed warm-up call (not counted), then ``rounds`` = as many as fit in
 ``LVR_BENCH_BUDGET_S`` seconds (default 20) per benchmark, at least 1 and at most the contender's cap
-(9 for lvr batch 1 and the plain run, 5 for lvr batch 8, 3 for the others); lvr batch 32 runs one round without a warm-up call. This keeps the whole suite near 10 minutes on the 2-core CPU.
+(9 for lvr batch 1 and the plain run, 5 for lvr batch 8, 3 for the others); lvr batch 32 runs one round without
+a warm-up call. This keeps the whole suite near 10 minutes on the 2-core CPU.
 """
 from __future__ import annotations
 
@@ -27,8 +28,18 @@ import pytest
 import torch
 
 from benchmarks.baselines import cached_eager_latent_generate, explicit_cot_generate, published_latent_generate
-from benchmarks.conftest import (ANSWER_TOKENS, COT_RATIONALE, IMAGE_TOKEN, K_PATCHES, MODELS, N_LATENT, RESULTS,
-                                 model_device, per_question, record)
+from benchmarks.conftest import (
+    ANSWER_TOKENS,
+    COT_RATIONALE,
+    IMAGE_TOKEN,
+    K_PATCHES,
+    MODELS,
+    N_LATENT,
+    RESULTS,
+    model_device,
+    per_question,
+    record,
+)
 from lvr_engine import LatentConfig, LatentGenerator
 
 BUDGET_S = float(os.environ.get("LVR_BENCH_BUDGET_S", "20"))
@@ -184,7 +195,7 @@ def test_latent_vs_plain_paired(benchmark, bench_model, bench_inputs, model_key)
     benchmark.name = f"latent+plain pair [{model_key}]"
     benchmark.pedantic(pair, rounds=max(3, min(15, int(BUDGET_S // max(warm, 1e-6)))), iterations=1,
                        warmup_rounds=0)
-    ratios = sorted(a / b for a, b in zip(times[N_LATENT], times[0]))
+    ratios = sorted(a / b for a, b in zip(times[N_LATENT], times[0], strict=True))
     median = statistics.median(ratios)
     RESULTS["paired"][model_key] = dict(ratio=median, pairs=len(ratios), min=ratios[0], max=ratios[-1],
                                         latent_s=sorted(times[N_LATENT]), plain_s=sorted(times[0]))

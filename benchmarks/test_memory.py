@@ -16,7 +16,6 @@ import sys
 
 import torch
 
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BATCH = 8
@@ -31,10 +30,9 @@ def child():
     import transformers.models.qwen2_vl.modeling_qwen2_vl  # noqa: F401  (lazy module: import before `base`)
 
     import lvr_engine  # noqa: F401
-    from benchmarks.conftest import (ANSWER_TOKENS, K_PATCHES, N_LATENT, build_model, make_inputs,
-                                     model_config)
     from benchmarks._rss import peak_rss, reset_peak
     from benchmarks._rss import rss as _rss
+    from benchmarks.conftest import ANSWER_TOKENS, K_PATCHES, N_LATENT, build_model, make_inputs, model_config
     from lvr_engine import LatentConfig, LatentGenerator
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -106,8 +104,10 @@ def child():
     res = dict(batch=B, prompt=S, S_total=S_total, base_rss=base, peak_rss=peak, peak_before_build=peak_before,
                after_build_rss=after_build, **phase, after_generate_rss=after_generate, delta=peak - base,
                input_bytes=input_bytes, weights=weights, kv=kv, held=held, mlp_act=mlp_act, hid_act=hid_act,
-               sdpa_scores=sdpa_scores, group_rows=Bg, prefill_act=prefill_act, vision_act=vision_act, activations=activations,
-               paper=paper, compute_copy=compute_copy, vision_copy=vision_copy, compute_dtype=str(gen.runner.compute_dtype), el=el, layers=L, heads=H, kv_heads=Hkv, head_dim=D, hidden=h, intermediate=I,
+               sdpa_scores=sdpa_scores, group_rows=Bg, prefill_act=prefill_act, vision_act=vision_act,
+               activations=activations, paper=paper, compute_copy=compute_copy, vision_copy=vision_copy,
+               compute_dtype=str(gen.runner.compute_dtype), el=el, layers=L, heads=H, kv_heads=Hkv, head_dim=D,
+               hidden=h, intermediate=I,
                n_params=sum(p.numel() for p in model.parameters()))
     print("MEMORY_JSON " + json.dumps(res))
 
@@ -180,7 +180,8 @@ def _describe(r):
         f"= {m(r['mlp_act'])}; hidden 4 x {r['group_rows']}*S*h*{r['el']} = {m(r['hid_act'])}; SDPA scores "
         f"{r['group_rows']}*H*S^2*4 = {m(r['sdpa_scores'])} (upper bound: the CPU flash kernel does not materialise "
         f"them) -> {m(r['prefill_act'])}",
-        f"vision activations (one group of images): max(2 x pixels in the compute dtype, fp32 rotary q/k + block MLP) = "
+        "vision activations (one group of images): "
+        f"max(2 x pixels in the compute dtype, fp32 rotary q/k + block MLP) = "
         f"{m(r['vision_act'])}",
         f"paper = weights + compute copy + vision copy + KV + max(prefill, vision) = {m(r['weights'])} + "
         f"{m(r['compute_copy'])} + {m(r['vision_copy'])} + "

@@ -26,13 +26,21 @@ import torch
 from .data import SCORERS
 from .data.example import LETTERS, ReasoningExample
 from .data.prompts import get_template
-from .data.scoring import (JUDGES, extract_boxed, extract_ivtlr_scienceqa_index, extract_m3cot_answer,
-                           ivtlr_infer_candidates, ivtlr_m3cot_candidates, score_m3cot, vsp_outcome)
+from .data.scoring import (
+    JUDGES,
+    extract_boxed,
+    extract_ivtlr_scienceqa_index,
+    extract_m3cot_answer,
+    ivtlr_infer_candidates,
+    ivtlr_m3cot_candidates,
+    score_m3cot,
+    vsp_outcome,
+)
 from .engine.config import LatentConfig
 from .engine.generator import LatentGenerator
-from .training.collate import encode_prompts
 from .models.loading import LVR_CONFIG, read_lvr_meta
 from .progress import progress_bar
+from .training.collate import encode_prompts
 
 __all__ = ["evaluate", "EvalResult", "read_lvr_config", "MODES", "DIRECT_MAX_NEW_TOKENS"]
 
@@ -97,7 +105,8 @@ def _generator(model, mode: str, latent_config: LatentConfig | None, device, dty
         meta = getattr(model, "lvr_meta", None) or {}
         base = latent_config or model.config
         if mode == "latent":
-            return (model if base is model.config else LatentGenerator(model.model, base, processor=model.processor)), meta
+            gen = model if base is model.config else LatentGenerator(model.model, base, processor=model.processor)
+            return gen, meta
         cfg = LatentConfig(num_latent_steps=0, num_selected_patches=0, position_mode=base.position_mode,
                            backend=base.backend)
         return LatentGenerator(model.model, cfg, processor=model.processor), meta

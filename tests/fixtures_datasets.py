@@ -76,7 +76,8 @@ def _write_split(root: Path, split: str, rows: list[dict[str, Any]], features, n
 
 def m3cot_features():
     """Return the ``datasets.Features`` of the published M3CoT parquet."""
-    from datasets import Features, Image as HFImage, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as HFImage
 
     return Features(
         {
@@ -98,7 +99,8 @@ def m3cot_features():
 
 def scienceqa_features():
     """Return the ``datasets.Features`` of the published ScienceQA (derek-thomas) parquet."""
-    from datasets import Features, Image as HFImage, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as HFImage
 
     return Features(
         {

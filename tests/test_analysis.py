@@ -89,7 +89,7 @@ def test_overlay_fill_blends_and_step_colours_distinct():
         x0, y0 = col * 28, r * 28
         assert tuple(ov[y0 + 2, x0 + 10]) == c[t]                         # 3-px ring
         inner = ov[y0 + 14, x0 + 14].astype(int)
-        want = np.array([round(g + (cc - g) * 128 / 255) for g, cc in zip(GREY, c[t])])
+        want = np.array([round(g + (cc - g) * 128 / 255) for g, cc in zip(GREY, c[t], strict=True)])
         assert np.abs(inner - want).max() <= 1
     assert tuple(ov[5 * 28 + 14, 5 * 28 + 14]) == GREY                    # token 45 never chosen
 
@@ -218,7 +218,8 @@ def test_zero_hidden_matches_manual_hooked_run(setup, vlm_qwen2):
                   log_target=True, reduction="none").sum(-1)
     torch.testing.assert_close(r.kl, kl, atol=1e-6, rtol=1e-5)
     top = clean.first_logits.argmax(-1)
-    drop = F.softmax(clean.first_logits, -1)[torch.arange(3), top] - F.softmax(rec.first_logits, -1)[torch.arange(3), top]
+    rows = torch.arange(3)
+    drop = F.softmax(clean.first_logits, -1)[rows, top] - F.softmax(rec.first_logits, -1)[rows, top]
     torch.testing.assert_close(r.top_prob_drop, drop)
     # a plain hook works too
     r2 = answer_sensitivity(gen, batch, zero, name="zero")

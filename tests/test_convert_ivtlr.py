@@ -129,8 +129,9 @@ def test_the_checkpoint_is_in_the_transformers_451_layout(official, tmp_path):
 
 
 def test_converted_model_gives_the_peft_models_logits(official, converted):
-    from lvr_engine.training.collate import encode_prompts
     from transformers import Qwen2VLForConditionalGeneration
+
+    from lvr_engine.training.collate import encode_prompts
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(converted, attn_implementation="eager")
     assert model.dtype == torch.float32
@@ -164,7 +165,8 @@ def test_converted_directory_holds_the_official_setup(official, converted):
     assert meta["template"] == "ivtlr_infer" and meta["image_size"] == 280
     assert meta["converted_from"]["lora_r"] == LORA_R and meta["converted_from"]["lora_alpha"] == LORA_ALPHA
     assert not [p.name for p in converted.parent.iterdir() if ".tmp-" in p.name]
-    video = [json.loads((d / "processor_config.json").read_text())["video_processor"] for d in (converted, official.base)]
+    video = [json.loads((d / "processor_config.json").read_text())["video_processor"]
+             for d in (converted, official.base)]
     assert video[0] == video[1] and video[0]["video_processor_type"] == "Qwen2VLVideoProcessor"  # not the stand-in
 
 

@@ -81,7 +81,7 @@ def test_m3cot_fields_match_the_written_rows(m3cot_dir, cache_dir):
         ds = load_m3cot(root, split, cache_dir=cache_dir)
         rows = written[split]
         assert len(ds) == len(rows)
-        for ex, row in zip(ds, rows):
+        for ex, row in zip(ds, rows, strict=True):
             assert ex.id == row["id"]
             assert ex.question == row["question"]
             assert ex.choices == row["choices"]
@@ -132,7 +132,7 @@ def test_scienceqa_fields_and_missing_images(sqa_dir, cache_dir):
     ds = load_scienceqa(root, "test", cache_dir=cache_dir)
     rows = written["test"]
     assert len(ds) == 7
-    for i, (ex, row) in enumerate(zip(ds, rows)):
+    for i, (ex, row) in enumerate(zip(ds, rows, strict=True)):
         assert ex.id == f"scienceqa-test-{i}"
         assert ex.choices == row["choices"]
         assert ex.answer_index == row["answer"]
@@ -367,7 +367,8 @@ def test_steps_match_ivtlr_chunking(n):
 
 
 def test_sentence_splitter_edge_cases():
-    assert split_sentences("Birds, e.g. robins, fly. Mr. Lee agrees.") == ["Birds, e.g. robins, fly.", "Mr. Lee agrees."]
+    want = ["Birds, e.g. robins, fly.", "Mr. Lee agrees."]
+    assert split_sentences("Birds, e.g. robins, fly. Mr. Lee agrees.") == want
     assert split_sentences("It weighs 2.5 kg. That is 0.75 of it.") == ["It weighs 2.5 kg.", "That is 0.75 of it."]
     assert split_sentences("Why? Because! Yes.") == ["Why?", "Because!", "Yes."]
     assert split_sentences('He said "stop." Then left.') == ['He said "stop."', "Then left."]

@@ -50,8 +50,8 @@ def test_image_tokens_not_matching_grid(vlm_qwen2, no_compute):
     last_text = torch.nonzero(batch["attention_mask"][1] & (ids[1] != IMAGE_TOKEN)).flatten()[-1]
     ids[1, last_text] = IMAGE_TOKEN
     with pytest.raises(ValueError, match="image tokens do not match image_grid_thw"):
-        gen.generate(**dict(batch, input_ids=ids, mm_token_type_ids=(ids == IMAGE_TOKEN).int() * batch["attention_mask"]),
-                     max_new_tokens=4)
+        mm = (ids == IMAGE_TOKEN).int() * batch["attention_mask"]
+        gen.generate(**dict(batch, input_ids=ids, mm_token_type_ids=mm), max_new_tokens=4)
 
 
 def test_unsupported_model_class():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lvr_engine import LatentConfig, LatentGenerator
 from lvr_engine.models.tiny import TINY_TOKEN_IDS, write_tiny_model

@@ -157,7 +157,7 @@ def test_concurrent_generate_calls_equal_sequential(vlm_qwen2, graphs):
     for t in threads:
         t.join()
     assert not errors, errors
-    for i, (got, want) in enumerate(zip(results, expected)):
+    for i, (got, want) in enumerate(zip(results, expected, strict=True)):
         assert torch.equal(got.sequences, want.sequences), i
         assert torch.equal(got.selected, want.selected), i
 

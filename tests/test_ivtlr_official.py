@@ -68,6 +68,7 @@ def _model(vocab, seed, qk_scale=1.0):
     """A tiny random fp32 Qwen2-VL (eager attention) with the tiny tokenizer's special-token ids.
     ``qk_scale`` multiplies every decoder layer's q/k projections (peaked attention: exact zero scores)."""
     import transformers
+
     from lvr_engine.models.tiny import tiny_qwen2vl_config
 
     cfg = tiny_qwen2vl_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=vocab,
@@ -255,7 +256,7 @@ def _has_official_ties(ref_rows, K):
     """(some pass has a tie at the K-th score and a non-ascending official order, no score is near underflow)"""
     tie_and_reorder, clean = False, True
     for ref in ref_rows:
-        for scores, chosen in zip(ref.scores, ref.selected):
+        for scores, chosen in zip(ref.scores, ref.selected, strict=True):
             finite = scores[torch.isfinite(scores)]
             clean &= not bool(((finite > 0) & (finite < 1e-30)).any())
             kth = sorted(finite.tolist(), reverse=True)[K - 1]

@@ -410,7 +410,8 @@ def test_opcheck_cpu_ops():
     q, k, v, lens, slots = _make_case(2, 4, 2, 64, 40, 6, 3, torch.float32)
     torch.library.opcheck(lib.chunk_attention_with_scores.default, (q, k, v, lens, slots, torch.zeros(2, 6), 0.125))
     torch.library.opcheck(lib.chunk_attention_with_scores.default, (q, k, v, lens, None, None, 0.125))
-    torch.library.opcheck(lib.image_attention_scores.default, (q[:, -1], k, lens, slots, torch.zeros(2, 6), 0.125, None))
+    torch.library.opcheck(lib.image_attention_scores.default,
+                          (q[:, -1], k, lens, slots, torch.zeros(2, 6), 0.125, None))
     scores, available, embeds, hidden = _select_inputs(2, 30, 8, torch.float32, "cpu")
     torch.library.opcheck(lib.select_and_feedback.default, (scores, available, embeds, hidden, 4, torch.zeros(2, 5, 8)))
     packed = ops.pack_mixed_weight(torch.randn(6, 24).bfloat16())

@@ -6,7 +6,17 @@ import torch
 
 from benchmarks.baselines import published_latent_generate
 from lvr_engine import LatentConfig, LatentGenerator
-from tiny_models import END_MARKER, EOS, LAT_END, LAT_PAD, LAT_START, START_MARKER, make_batch, make_text_batch, tiny_text_lm
+from tiny_models import (
+    END_MARKER,
+    EOS,
+    LAT_END,
+    LAT_PAD,
+    LAT_START,
+    START_MARKER,
+    make_batch,
+    make_text_batch,
+    tiny_text_lm,
+)
 
 ROWS = [(5, (8, 8), 7), (9, (6, 8), 3), (2, (8, 10), 12)]
 

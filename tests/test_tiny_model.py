@@ -119,7 +119,8 @@ def test_processor_image_tokens(loaded, examples):
     assert torch.equal(inp["mm_token_type_ids"][0].bool(), img)
     # the image tokens sit between vision_start and vision_end, contiguously
     pos = img.nonzero().flatten()
-    assert ids[pos[0] - 1] == model.config.vision_start_token_id and ids[pos[-1] + 1] == model.config.vision_end_token_id
+    assert ids[pos[0] - 1] == model.config.vision_start_token_id
+    assert ids[pos[-1] + 1] == model.config.vision_end_token_id
     assert pos[-1] - pos[0] == 63
 
 

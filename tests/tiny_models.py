@@ -35,13 +35,15 @@ def tiny_vlm(family="qwen2_vl", seed=0, dtype=torch.float32, hidden=64, layers=2
     ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
                vision_end_token_id=VISION_END)
     if family == "qwen2_vl":
-        cfg = transformers.Qwen2VLConfig(text_config=_text_cfg(hidden, layers, heads, kv_heads), vision_config=vision, **ids)
+        cfg = transformers.Qwen2VLConfig(text_config=_text_cfg(hidden, layers, heads, kv_heads), vision_config=vision,
+                                         **ids)
         cls = transformers.Qwen2VLForConditionalGeneration
     elif family == "qwen2_5_vl":
         vision = dict(vision, intermediate_size=64, out_hidden_size=hidden, hidden_size=32, window_size=56,
                       fullatt_block_indexes=[1])
         vision.pop("embed_dim")
-        cfg = transformers.Qwen2_5_VLConfig(text_config=_text_cfg(hidden, layers, heads, kv_heads), vision_config=vision, **ids)
+        cfg = transformers.Qwen2_5_VLConfig(text_config=_text_cfg(hidden, layers, heads, kv_heads),
+                                            vision_config=vision, **ids)
         cls = transformers.Qwen2_5_VLForConditionalGeneration
     else:
         raise ValueError(family)

@@ -98,7 +98,8 @@ def _as_steps(selected) -> torch.Tensor:
     if sel.ndim == 1:
         sel = sel[None]
     if sel.ndim != 2:
-        raise ValueError(f"selected must be (N, K) (one row of GenerationOutput.selected), got shape {tuple(sel.shape)}")
+        raise ValueError("selected must be (N, K) (one row of GenerationOutput.selected), "
+                         f"got shape {tuple(sel.shape)}")
     return sel
 
 
@@ -160,7 +161,7 @@ def _font():
 
 def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, labels: list[str], colors: list, max_x: int) -> None:
     font = _font()
-    for lab, col in zip(labels, colors):
+    for lab, col in zip(labels, colors, strict=True):
         w = int(draw.textlength(lab, font=font)) if hasattr(draw, "textlength") else 6 * len(lab)
         if x + 14 + w > max_x:
             break
@@ -246,10 +247,10 @@ def _heat(v: float) -> tuple[int, int, int]:
     """0 -> pale yellow, 1 -> dark red."""
     stops = [(0.0, (255, 255, 204)), (0.35, (254, 178, 76)), (0.7, (240, 59, 32)), (1.0, (128, 0, 38))]
     v = min(max(v, 0.0), 1.0)
-    for (a, ca), (b, cb) in zip(stops, stops[1:]):
+    for (a, ca), (b, cb) in zip(stops, stops[1:], strict=False):  # consecutive pairs
         if v <= b:
             f = (v - a) / (b - a)
-            return tuple(round(x + f * (y - x)) for x, y in zip(ca, cb))
+            return tuple(round(x + f * (y - x)) for x, y in zip(ca, cb, strict=True))
     return stops[-1][1]
 
 

@@ -206,7 +206,7 @@ class ReasoningDataset(Sequence[ReasoningExample]):
         return self._convert(self.hf[i], self.rows[i])
 
     def __iter__(self) -> Iterator[ReasoningExample]:
-        for row, original in zip(self.hf, self.rows):
+        for row, original in zip(self.hf, self.rows, strict=True):
             yield self._convert(row, original)
 
     def __repr__(self) -> str:

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .example import (
-    load_split,
     ReasoningDataset,
     ReasoningExample,
     decode_image,
     index_for,
+    load_split,
 )
 from .steps import split_rationale
 

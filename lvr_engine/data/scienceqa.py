@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .example import (
-    load_split,
     LETTERS,
     ReasoningDataset,
     ReasoningExample,
     decode_image,
+    load_split,
 )
 from .steps import split_rationale
 

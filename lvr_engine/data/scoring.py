@@ -206,7 +206,7 @@ def accuracy_by(
     if len(examples) != len(correct):
         raise ValueError(f"{len(examples)} examples but {len(correct)} results")
     groups: dict[Any, list[bool]] = defaultdict(list)
-    for ex, ok in zip(examples, correct):
+    for ex, ok in zip(examples, correct, strict=True):
         groups[ex.metadata.get(key)].append(bool(ok))
     return {k: accuracy(v) for k, v in groups.items()}
 

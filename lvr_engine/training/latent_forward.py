@@ -107,7 +107,7 @@ def latent_forward(runner: DecoderRunner, adapter: ModelAdapter, *, input_ids, a
     ce = F.cross_entropy(_at_least_fp32(logits).reshape(B * T, -1), target_ids.reshape(-1), reduction="none").view(B, T)
     ce_sum = (ce * target_mask).sum()
     n = int(target_mask.sum())
-    for lg, lb in zip(extra_logits, extra_labels):
+    for lg, lb in zip(extra_logits, extra_labels, strict=True):
         ce_sum = ce_sum + F.cross_entropy(_at_least_fp32(lg), lb, reduction="sum")
         n += B
     h = hidden.shape[-1]
