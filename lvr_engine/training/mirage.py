@@ -248,12 +248,14 @@ class MirageForwardOutput:
 
 
 def mirage_forward(runner: DecoderRunner, adapter: ModelAdapter, batch: MirageBatch, *, stage: int,
-                   position_mode: str = "mrope", detach_latents: bool = False) -> MirageForwardOutput:
+                   position_mode: str = "mrope", detach_latents: bool = False,
+                   detach_targets: bool = False) -> MirageForwardOutput:
     """Loss terms of a :class:`MirageBatch` under Mirage ``stage`` 1 (teacher-forced, pooled helper embeddings in
     the latent slots, cosine term) or 2 (hidden-state feedback through the engine's latent step, CE only).
 
     Gradients reach the vision tower only through parameters that require them (the trainer freezes it unless
-    ``train_vision``); in stage 1 the pooled targets are not detached, as in Mirage's code.
+    ``train_vision``); in stage 1 the pooled targets are not detached, as in Mirage's code, unless
+    ``detach_targets`` (for a training tower: the targets then stay fixed for the step, as a frozen tower's are).
     """
     if stage not in (1, 2):
         raise ValueError(f"Mirage stage must be 1 or 2, got {stage!r}")
@@ -291,6 +293,8 @@ def mirage_forward(runner: DecoderRunner, adapter: ModelAdapter, batch: MirageBa
         if len(per_image) != B:
             raise ValueError(f"{len(per_image)} helper images for {B} rows: Mirage stage 1 needs one per row")
         targets = torch.stack([pool_image_embeddings(e, L) for e in per_image]).to(dtype)    # (B, L, h)
+        if detach_targets:
+            targets = targets.detach()
         chunk = torch.cat([targets, end_embed.expand(B, 1, -1), tail_in], 1)         # (B, L + T, h)
         out = runner.step(chunk, next_positions(cache.lens, p.offset, L + T), cache)
         latent_pred = torch.cat([h_start[:, None], out[:, :L - 1]], 1)               # hidden at p-1, (B, L, h)

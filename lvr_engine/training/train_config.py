@@ -29,6 +29,9 @@ class TrainConfig:
     ``num_latent_steps`` caps the latent steps per stage (stage s runs min(s, cap)); for Mirage it is the
     fixed latent count (L), and ``max_latent_steps`` the cap its checkpoints' inference runs with (Mirage: 8).
     ``train_vision``: train the vision tower (None: not for Mirage, which freezes it, yes otherwise).
+    ``mirage_detach_targets``: Mirage stage 1 with a training vision tower takes no gradient through the pooled
+    helper-image embeddings (fixed targets, as a frozen tower gives; without it the cosine term can be met by
+    collapsing the tower's output).
     ``template`` None: ``"mirage"`` for the ``vsp`` dataset, else ``"ivtlr"``. ``batch_size`` is per process.
     ``mode="direct"`` fine-tunes the no-CoT baseline (answer only, stage 0). ``stop_after_stage`` ends the run
     after that stage's checkpoint (a planned interruption; ``resume=True`` continues it).
@@ -66,6 +69,7 @@ class TrainConfig:
     bf16: bool = False
     lora: LoraSettings | None = None
     mirage_text_weight: float = 0.1
+    mirage_detach_targets: bool = False
     max_latent_steps: int = 8
     train_vision: bool | None = None
     stop_after_stage: int | None = None

@@ -135,13 +135,13 @@ class LatentLossModule(nn.Module):
                 image_grid_thw=None, mm_token_type_ids=None, *, num_latent_steps: int = 0,
                 num_selected_patches: int = 0, start_marker_id=None, end_marker_id=None, position_mode="mrope",
                 detach_latents=False, supervise_markers=False, patch_order="ascending", score_precision="fp32",
-                mirage=None, mirage_stage: int = 0, placeholder_id=None) -> dict:
+                mirage=None, mirage_stage: int = 0, placeholder_id=None, mirage_detach_targets=False) -> dict:
         """Shapes: input_ids/attention_mask (B, S), target_ids/target_mask (B, T), pixel values as the processor
         returns them; or ``mirage`` (a :class:`~lvr_engine.training.mirage.MirageBatch`) with ``mirage_stage`` 1 or
         2. Returns ``{"ce_sum": scalar, "num_tokens": int, "cos_sum": scalar (Mirage stage 1; else 0)}``."""
         if mirage is not None:
             m = mirage_forward(self.runner, self.adapter, mirage, stage=mirage_stage, position_mode=position_mode,
-                               detach_latents=detach_latents)
+                               detach_latents=detach_latents, detach_targets=mirage_detach_targets)
             return {"ce_sum": m.ce_sum, "num_tokens": m.num_tokens, "cos_sum": m.cos_sum}
         out = latent_forward(
             self.runner, self.adapter, input_ids=input_ids, attention_mask=attention_mask,
@@ -517,7 +517,8 @@ class Trainer:
                 n_tok, n_lat, n_proc = (float(c) for c in counts[:3].tolist())
                 if mirage:
                     out = self.module(mirage=batch, mirage_stage=1 if mirage1 else 2, position_mode=cfg.position_mode,
-                                      detach_latents=cfg.detach_latents)
+                                      detach_latents=cfg.detach_latents,
+                                      mirage_detach_targets=cfg.mirage_detach_targets)
                 else:
                     out = self.module(
                         batch.input_ids, batch.attention_mask, batch.target_ids, batch.target_mask,
