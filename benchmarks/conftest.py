@@ -165,6 +165,7 @@ CONTENDER_NAMES = {
     "lvr_plain_b1": "(d) lvr_engine num_latent_steps=0, batch 1",
     "lvr_b8": "(d) lvr_engine, batch 8",
     "lvr_b32": "(d) lvr_engine, batch 32",
+    "lvr_hf_b1": "(d) lvr_engine HF-module runner, batch 1",
     "published": "(a) published IVT-LR algorithm, batch 1",
     "cached_eager": "(b) plain transformers + KV cache, batch 1",
     "explicit_cot": "(c) explicit CoT generate 136 tokens, batch 1",
