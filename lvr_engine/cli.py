@@ -703,18 +703,23 @@ def cmd_bench(args, argv) -> int:
 
 
 def add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train a tiny latent reasoner on the synthetic task and show it working")
+    p = sub.add_parser("demo", help="five methods (direct, CoT, CapImagine, IVT-LR, Mirage) at an equal training "
+                                    "budget on a synthetic task, and the mediation readout of the latent ones")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny sizes)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="trainings run at once, one process and one thread each (default 2; 1: one after the other)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args, argv) -> int:
     check_output_dir(args.output)
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {args.workers}")
     from .demo import run_demo
 
-    run_demo(args.output, seed=args.seed, quick=args.quick)
+    run_demo(args.output, seed=args.seed, quick=args.quick, workers=args.workers)
     return 0
 
 
