@@ -6,7 +6,7 @@ Model ``chameleon-small-fp32``: a random ``ChameleonForConditionalGeneration`` (
 in fp32, eager attention (the baselines read attention probabilities). One question = the official ScienceQA
 Chameleon prompt through ``ChameleonProcessor``: BOS, the image's 1,024 tokens (128x128 pixels; Chameleon-7B's
 512x512 images give 1,024 too) between its markers, the question and options, three ``<|latent|>``, the separator:
-1,080 tokens. Workload: the official setup, N = 3 latent steps of K = 64 patches, then 8 answer tokens (no EOS).
+1,103 tokens. Workload: the official setup, N = 3 latent steps of K = 64 patches, then 8 answer tokens (no EOS).
 
 Contenders (per-question seconds, median over rounds / batch):
   (a) ``published``     the official algorithm (benchmarks/chameleon_baselines.py), batch 1;
@@ -133,4 +133,6 @@ def test_chameleon_engine(benchmark, contender):
     benchmark.extra_info.update(
         model=MODEL_KEY, batch_size=B, rounds=rounds, per_question_s=median / B, warmup_s=warm,
         ratio_vs_lvr_b1=(median / B / ref) if ref else None,
-        workload=f"prompt {S} tokens (1024 image), N={N_LATENT}, K={K_PATCHES}, {ANSWER_TOKENS} answer tokens")
+        workload=f"prompt {S} tokens (1024 image), "
+                 + ("no latent steps" if contender == "lvr_plain_b1" else f"N={N_LATENT}, K={K_PATCHES}")
+                 + f", {ANSWER_TOKENS} answer tokens")

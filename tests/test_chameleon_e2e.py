@@ -175,3 +175,25 @@ def test_eval_latent_and_cot(trained, tmp_path, capsys, monkeypatch):
                  "--judge", "ivtlr", "--output", str(results), "--max-new-tokens", "8", "--no-progress"]) == 0
     _check(results, capsys.readouterr().out, out, _examples(data, False), gold, N=0)
     assert prompts == _official_ids(out, _examples(data, False), 0)
+
+
+def test_generate_answers_as_the_official_inference(trained, tmp_path, capsys, monkeypatch):
+    """``lvr generate`` on the trained run: the official prompt (one placeholder per trained latent step, then the
+    separator), decoded as the official inference decodes it."""
+    from PIL import Image
+
+    from lvr_engine.data.example import ReasoningExample
+
+    out = trained[3]
+    img = tmp_path / "q.png"
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(img)
+    ex = ReasoningExample(id="cli", image=Image.open(img).convert("RGB"), question="Which color is the square?",
+                          choices=["red", "blue"], answer="A", answer_index=0, steps=[])
+    capsys.readouterr()
+    prompts = _recording(monkeypatch)
+    assert main(["generate", "--model", str(out), "--image", str(img), "--question", ex.question, "--choices",
+                 "red", "blue", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert prompts == _official_ids(out, [ex], 1)
+    (_, want), = _reference(out, [ex], 1, 4)
+    assert printed == want
