@@ -68,7 +68,8 @@ class LatentConfig:
         if self.trigger not in ("prompt", "token"):
             raise ValueError(f"LatentConfig.trigger must be 'prompt' or 'token', got {self.trigger!r}")
         if self.backend not in (None, "torch", "cpu", "triton", "cuda"):
-            raise ValueError(f"LatentConfig.backend must be None, 'torch', 'cpu', 'triton' or 'cuda', got {self.backend!r}")
+            raise ValueError("LatentConfig.backend must be None, 'torch', 'cpu', 'triton' or 'cuda', "
+                             f"got {self.backend!r}")
         if self.patch_order not in ("ascending", "official"):
             raise ValueError(f"LatentConfig.patch_order must be 'ascending' or 'official', got {self.patch_order!r}")
         if self.score_precision not in ("fp32", "model"):

@@ -9,18 +9,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import ops
 from ..models import adapter_for
 from .config import LatentConfig
-from .inputs import as_tensor, check_capacity, consume_placeholders, token_ids, validate_and_layout
 from .cuda_graphs import GraphedSteps, Workspace, _round_up, bucket_for
+from .hf_runner import HFModuleRunner
+from .inputs import as_tensor, check_capacity, consume_placeholders, token_ids, validate_and_layout
 from .kv_cache import StaticKVCache
 from .latent_step import begin_segment, run_latent_steps
 from .prompt import next_positions, prepare_prompt
-from .hf_runner import HFModuleRunner
 from .runner import DecoderRunner
-from .weights import auto_compute_dtype
 from .sampler import Sampler, SamplingParams
-from .. import ops
+from .weights import auto_compute_dtype
 
 
 @dataclass
@@ -164,7 +164,8 @@ class LatentGenerator:
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         vocab = self.adapter.vocab_size
         eos = self._eos_ids(eos_token_id, vocab)
-        pad_id = self.adapter.pad_token_id if pad_token_id is None else token_ids("pad_token_id", pad_token_id, vocab)[0]
+        pad_id = (self.adapter.pad_token_id if pad_token_id is None
+                  else token_ids("pad_token_id", pad_token_id, vocab)[0])
         cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
         input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids = (
             as_tensor(n, x) for n, x in (("input_ids", input_ids), ("attention_mask", attention_mask),

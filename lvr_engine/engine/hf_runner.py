@@ -54,7 +54,7 @@ class HFModuleRunner(DecoderRunner):
                 c._attn_implementation_internal = ATTN_NAME
             yield
         finally:
-            for c, s in zip(self._configs, saved):
+            for c, s in zip(self._configs, saved, strict=True):
                 c._attn_implementation_internal = s
 
     def final_norm(self, x, ctx):

@@ -167,7 +167,8 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
         attention_mask = torch.ones_like(input_ids)
     _require_tensor("attention_mask", attention_mask, 2)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
     mask = attention_mask.bool()
     lens = mask.sum(1)
     if (lens == 0).any():
@@ -200,8 +201,8 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
             typed = (mm_token_type_ids.to(mask.device) == 1) & mask
             if not torch.equal(typed, image_mask):
                 b = int(torch.nonzero((typed != image_mask).any(1))[0])
-                raise ValueError(f"mm_token_type_ids row {b} marks {int(typed[b].sum())} image tokens but input_ids row "
-                                 f"{b} holds {int(image_mask[b].sum())} image tokens (id {adapter.image_token_id}) "
+                raise ValueError(f"mm_token_type_ids row {b} marks {int(typed[b].sum())} image tokens but input_ids "
+                                 f"row {b} holds {int(image_mask[b].sum())} image tokens (id {adapter.image_token_id}) "
                                  "at other positions; they must agree")
 
     counts = image_mask.sum(1).tolist()

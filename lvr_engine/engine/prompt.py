@@ -24,8 +24,9 @@ class PreparedPrompt:
     image_embeds: torch.Tensor        # (B, I, h) the row's image embeddings in prompt order (zeros at pads)
 
 
-def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, pixel_values, image_grid_thw, mm_token_type_ids, position_mode: str, start_marker_id: int | None,
-                   device, dtype) -> PreparedPrompt:
+def prepare_prompt(adapter: ModelAdapter, embed, batch: PromptBatch, input_ids, pixel_values, image_grid_thw,
+                   mm_token_type_ids, position_mode: str, start_marker_id: int | None, device,
+                   dtype) -> PreparedPrompt:
     """Embeddings of the compact prompts with the vision tower's output scattered into the image slots,
     their positions ("mrope": the model's own; "arange": slot index) and, if given, the start marker
     appended as one more prompt token at the next text position."""

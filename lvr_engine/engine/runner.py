@@ -25,7 +25,6 @@ from ..models.base import DecoderWeights
 from .kv_cache import StaticKVCache
 from .weights import PackedWeight, compute_weights
 
-
 # ``weights=`` default of the forwards: resolve the compute weights for this forward (callers outside generate).
 _RESOLVE = object()
 
@@ -149,9 +148,9 @@ class DecoderRunner:
             # keys up to the filled length only (every row's slots lie below it): no work on empty slots
             ar = torch.arange(cache.filled + C, device=embeds.device)
             mask = (ar[None, None, :] <= slots[:, :, None])[:, None]  # (B,1,C,filled+C)
-        ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None, scores if want else None,
-                           mask=mask, slots=slots, mats=weights, last_only=last_only and C > 1,
-                           prob_dtype=prob_dtype)
+        ctx = _StepContext("chunk", cache.lens.clone(), new_lens, image_slots if want else None,
+                           scores if want else None, mask=mask, slots=slots, mats=weights,
+                           last_only=last_only and C > 1, prob_dtype=prob_dtype)
         x = self._layers(embeds, positions, cache, ctx)
         cache.lens.add_(C)  # in place: a captured CUDA graph keeps reading the same tensor
         cache.filled += C

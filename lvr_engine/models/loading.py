@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-
 # model_type in config.json -> transformers class name
 _CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
