@@ -7,27 +7,30 @@
   ``server``         the OpenAI-compatible server (``lvr_engine.serve``: continuous batching, --max-batch 16) on a
                      loopback port, 64 concurrent ``openai`` clients.
 
-All 64 requests arrive at t=0; a request's latency is the time until its answer is complete; requests/s is 64 over
-the time the last one took. The workload (seeded): 48 requests with one 224-px image (64 image tokens) and 16
-text-only ones, questions of 4-60 words (prompts ~30-140 tokens), max_tokens 8/16/32/64, the image requests
-alternating between IVT-LR-style latent reasoning (N=3 steps of K=8 patches) and plain decoding, greedy, EOS
-ignored (every request produces its max_tokens: the three contenders do the same work). The model is the engine
-benchmarks' 'small' Qwen2-VL (text hidden 512, 8 layers, 8 heads, 2 KV heads, MLP 1376; vision depth 2, embed 128),
-bf16, written as a checkpoint directory with its processor (the server loads it as ``lvr serve`` does).
+All 64 requests arrive at t=0 as chat bodies; every contender turns them into model inputs (image decoding, chat
+template, processor: ``ServingEngine.build_request``) inside its timed run, as the server must. A request's latency
+is the time until its answer is complete; requests/s is 64 over the time the last one took. The workload (seeded):
+48 requests with one 224-px image (64 image tokens) and 16 text-only ones, questions of 4-60 words (prompts ~30-140
+tokens), max_tokens 8/16/32/64, the image requests alternating between IVT-LR-style latent reasoning (N=3 steps of
+K=8 patches) and plain decoding, greedy, EOS ignored (every request produces its max_tokens: the contenders do the
+same work). The model is the engine benchmarks' 'small' Qwen2-VL (text hidden 512, 8 layers, 8 heads, 2 KV heads,
+MLP 1376; vision depth 2, embed 128) in bf16 (``LVR_SERVING_DTYPE=float32`` for fp32), written as a checkpoint
+directory with its processor (the server loads it as ``lvr serve`` does).
 
-Each contender runs the whole workload once untimed first (oneDNN builds its kernels per shape on the first call of
-each shape: without the warm-up round the first contender would pay for most of them), then once timed.
+Each contender runs the whole workload once untimed first (allocator, per-shape kernel set-up), then once timed.
+``test_static_vs_server_interleaved`` then runs static batches and the server in ``PAIRS`` alternating pairs: this
+machine is shared and its load moves between benchmarks; the acceptance check (continuous batching >= the
+static-batch throughput and a lower p95 latency) uses the medians of the per-pair ratios.
 
 Every contender's answers are compared with ``sequential_b1``'s (token for token, selections too) and the number
-that are equal reported: with fp32 compute all are; with native bf16 matmuls (a CPU with AVX512-BF16 / AMX, or a
-GPU) a row's result can differ in the last bit with the batch size, and a greedy answer can then take another
-token at a near-tie, in static batches and in the pool alike (see RESULTS.md). The table
-(side by side, with the acceptance check: continuous batching >= the static-batch throughput and a lower p95
-latency) is printed at the end and written to ``benchmarks/.benchmarks/last_serving_results.json``.
+that are equal is reported (with native bf16 matmuls a row's result can depend on the batch size in the last bit,
+and a greedy answer can then take another token at a near-tie: RESULTS.md). The table is printed at the end and
+written to ``benchmarks/.benchmarks/last_serving_results.json``.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -43,7 +46,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_PATH = os.path.join(HERE, ".benchmarks", "last_serving_results.json")
 N_REQUESTS = int(os.environ.get("LVR_SERVING_REQUESTS", "64"))  # fewer: a quick check of the harness
-STATIC_BATCH, MAX_BATCH, MAX_LEN = 8, 16, 512
+STATIC_BATCH, MAX_BATCH, MAX_LEN, PAIRS = 8, 16, 512, 3
+DTYPE = os.environ.get("LVR_SERVING_DTYPE", "bfloat16")
 LATENT = {"num_latent_steps": 3, "num_selected_patches": 8}
 PLAIN = {"num_latent_steps": 0}
 WORDS = ("which shape is directly below the red square and how many circles touch the left edge of the grid "
@@ -79,18 +83,16 @@ def workload() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, request):
-    """The 'small' bf16 checkpoint, a ServingEngine on it, the workload and its scheduler requests."""
+    """The 'small' checkpoint (``DTYPE``), a ServingEngine on it and the workload."""
     from lvr_engine.models.tiny import write_tiny_model
-    from lvr_engine.serve import ServingEngine, parse_chat_request
+    from lvr_engine.serve import ServingEngine
 
     path = tmp_path_factory.mktemp("small")
     write_tiny_model(path, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376,
-                     vision_depth=2, vision_embed_dim=128, image_size=224, initializer_range=0.05, dtype="bfloat16")
+                     vision_depth=2, vision_embed_dim=128, image_size=224, initializer_range=0.05, dtype=DTYPE)
     engine = ServingEngine.from_pretrained(path, model_name="small", max_batch=MAX_BATCH, max_len=MAX_LEN)
-    bodies = workload()
-    reqs = [engine.build_request(parse_chat_request(b, max_images=4)) for b in bodies]
-    yield engine, bodies, reqs
-    _report(request.config)
+    yield engine, workload()
+    _report(request.config, str(engine.generator.runner.compute_dtype).removeprefix("torch."))
 
 
 def _percentile(xs, q):
@@ -120,13 +122,14 @@ def _is_latent(body) -> bool:
 
 
 def test_sequential_b1(benchmark, setup):
-    engine, bodies, reqs = setup
+    engine, bodies = setup
     gens = _generators(engine)
 
     def run():
         t0 = time.perf_counter()
         lat, answers = [], []
-        for body, r in zip(bodies, reqs, strict=True):
+        for body in bodies:
+            r = _prompt(engine, body)
             out = gens[_is_latent(body)].generate(
                 input_ids=r.input_ids, attention_mask=r.attention_mask, pixel_values=r.pixel_values,
                 image_grid_thw=r.image_grid_thw, mm_token_type_ids=r.mm_token_type_ids,
@@ -142,6 +145,14 @@ def test_sequential_b1(benchmark, setup):
     benchmark.extra_info.update(RESULTS["sequential_b1"])
 
 
+def _prompt(engine, body):
+    """The request's model inputs from its chat body (images decoded, chat template, processor): the work the
+    server does for each request, timed in every contender."""
+    from lvr_engine.serve import parse_chat_request
+
+    return engine.build_request(parse_chat_request(body, max_images=4))
+
+
 def _static_batches(bodies):
     """Batches of up to 8 requests of one latent setup, in arrival order; run in the order of their first arrival."""
     groups: dict = {}
@@ -152,7 +163,7 @@ def _static_batches(bodies):
 
 
 def _pad_batch(reqs, idx, pad_id, image_token_id):
-    """The requests ``idx`` as one left-padded batch (processor layout)."""
+    """The requests ``idx`` (``reqs[i]``: scheduler Requests) as one left-padded batch (processor layout)."""
     S = max(reqs[i].input_ids.shape[1] for i in idx)
     ids = torch.full((len(idx), S), pad_id, dtype=torch.long)
     mask = torch.zeros(len(idx), S, dtype=torch.long)
@@ -169,17 +180,18 @@ def _pad_batch(reqs, idx, pad_id, image_token_id):
                 pixel_values=torch.cat(pvs) if pvs else None, image_grid_thw=torch.cat(grids) if grids else None)
 
 
-def test_static_b8(benchmark, setup):
-    engine, bodies, reqs = setup
+def _static_runner(engine, bodies):
+    """run() -> (makespan, latencies, answers) of the workload as static batches of 8."""
     gens = _generators(engine)
     batches = _static_batches(bodies)
     ad = engine.generator.adapter
-    inputs = [_pad_batch(reqs, idx, ad.pad_token_id, ad.image_token_id) for idx in batches]
 
     def run():
         t0 = time.perf_counter()
         lat, answers = [0.0] * N_REQUESTS, [None] * N_REQUESTS
-        for idx, batch in zip(batches, inputs, strict=True):
+        for idx in batches:
+            prompts = {i: _prompt(engine, bodies[i]) for i in idx}
+            batch = _pad_batch(prompts, idx, ad.pad_token_id, ad.image_token_id)
             T = max(bodies[i]["max_tokens"] for i in idx)  # the batch runs until its longest row is done
             out = gens[_is_latent(bodies[idx[0]])].generate(**batch, max_new_tokens=T, eos_token_id=[])
             done = time.perf_counter() - t0
@@ -188,27 +200,41 @@ def test_static_b8(benchmark, setup):
                 answers[i] = (out.sequences[row, :bodies[i]["max_tokens"]].tolist(), out.selected[row].tolist())
         return time.perf_counter() - t0, lat, answers
 
+    return run, len(batches)
+
+
+def test_static_b8(benchmark, setup):
+    engine, bodies = setup
+    run, n_batches = _static_runner(engine, bodies)
     benchmark.group, benchmark.name = "serving 64 mixed requests", "static batches of 8"
     makespan, lat, answers = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=1)
     ANSWERS["static_b8"] = answers
-    _record("static_b8", makespan, lat, batches=len(batches))
+    _record("static_b8", makespan, lat, batches=n_batches)
     benchmark.extra_info.update(RESULTS["static_b8"])
 
 
-def test_server(benchmark, setup):
+@pytest.fixture(scope="module")
+def http(setup):
+    """The server (uvicorn on a loopback port, this module's engine) and an ``openai`` client for it."""
     import openai
     import uvicorn
 
     from lvr_engine.serve import create_app
 
-    engine, bodies, reqs = setup
+    engine, _ = setup
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    server.should_exit = True
+    thread.join(30)
+
+
+def _server_runner(client, bodies):
+    """run() -> (makespan, latencies, answers): the 64 requests sent at once by 64 client threads."""
     extra_keys = ("latent", "ignore_eos", "return_token_ids")
 
     def one(body, start, gate):
@@ -227,17 +253,50 @@ def test_server(benchmark, setup):
             res = [f.result() for f in futs]
         return max(r[0] for r in res), [r[0] for r in res], [r[1] for r in res]
 
-    try:
-        moves0 = engine.scheduler.stats.moved_rows
-        benchmark.group, benchmark.name = "serving 64 mixed requests", f"server, continuous batching ({MAX_BATCH} rows)"
-        makespan, lat, answers = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=1)
-        moved = engine.scheduler.stats.moved_rows - moves0
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    return run
+
+
+def test_server(benchmark, setup, http):
+    engine, bodies = setup
+    run = _server_runner(http, bodies)
+    moves = []
+
+    def timed():
+        before = engine.scheduler.stats.moved_rows
+        out = run()
+        moves.append(engine.scheduler.stats.moved_rows - before)
+        return out
+
+    benchmark.group, benchmark.name = "serving 64 mixed requests", f"server, continuous batching ({MAX_BATCH} rows)"
+    makespan, lat, answers = benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=1)
     ANSWERS["server"] = answers
-    _record("server", makespan, lat, row_moves=moved)
+    _record("server", makespan, lat, row_moves=moves[-1])
     benchmark.extra_info.update(RESULTS["server"])
+
+
+def test_static_vs_server_interleaved(benchmark, setup, http):
+    """Static batches of 8 and the server in alternating pairs (which goes first alternates): the machine's load
+    moves between separate benchmarks, a pair sees the same load. The medians of the per-pair ratios decide the
+    acceptance check."""
+    engine, bodies = setup
+    runs = {"static_b8": _static_runner(engine, bodies)[0], "server": _server_runner(http, bodies)}
+    got = {"static_b8": [], "server": []}
+    order = [0]
+
+    def pair():
+        names = ["static_b8", "server"] if order[0] % 2 == 0 else ["server", "static_b8"]
+        order[0] += 1
+        for name in names:
+            makespan, lat, _ = runs[name]()
+            got[name].append((N_REQUESTS / makespan, _percentile(lat, 95), statistics.median(lat)))
+
+    benchmark.group, benchmark.name = "serving 64 mixed requests, paired", "static batches of 8 + server"
+    benchmark.pedantic(pair, rounds=PAIRS, iterations=1, warmup_rounds=0)
+    thr = sorted(s[0] / b[0] for s, b in zip(got["server"], got["static_b8"], strict=True))
+    p95 = sorted(s[1] / b[1] for s, b in zip(got["server"], got["static_b8"], strict=True))
+    RESULTS["paired"] = dict(pairs=PAIRS, throughput_ratio=statistics.median(thr), p95_ratio=statistics.median(p95),
+                             throughput_ratios=thr, p95_ratios=p95, static_b8=got["static_b8"], server=got["server"])
+    benchmark.extra_info.update(RESULTS["paired"])
 
 
 def _free_port() -> int:
@@ -252,7 +311,7 @@ NAMES = {"sequential_b1": "sequential generate, batch 1", "static_b8": "static b
          "server": f"server, continuous batching ({MAX_BATCH} rows)"}
 
 
-def _report(config):
+def _report(config, compute_dtype):
     if not RESULTS:
         return
     ref = ANSWERS.get("sequential_b1")
@@ -266,22 +325,26 @@ def _report(config):
             lines.append(f"{name:<40s} {r['requests_per_s']:7.2f} {r['p50_s']:7.2f} {r['p95_s']:7.2f} "
                          f"{r['makespan_s']:8.2f}  {same}")
     verdict = None
-    if "server" in RESULTS and "static_b8" in RESULTS:
-        s, b = RESULTS["server"], RESULTS["static_b8"]
-        met = s["requests_per_s"] >= b["requests_per_s"] and s["p95_s"] < b["p95_s"]
-        verdict = (f"server vs static batches of 8: {s['requests_per_s'] / b['requests_per_s']:.2f}x requests/s, "
-                   f"p95 {s['p95_s'] / b['p95_s']:.2f}x; target (>= throughput, lower p95): "
-                   f"{'met' if met else 'NOT met'}")
+    if "paired" in RESULTS:
+        p = RESULTS["paired"]
+        met = p["throughput_ratio"] >= 1 and p["p95_ratio"] < 1
+        lines.append(f"server / static batches of 8 in {p['pairs']} alternating pairs (median): requests/s "
+                     f"{p['throughput_ratio']:.2f}x (pairs {', '.join(f'{x:.2f}' for x in p['throughput_ratios'])}), "
+                     f"p95 latency {p['p95_ratio']:.2f}x (pairs {', '.join(f'{x:.2f}' for x in p['p95_ratios'])})")
+        verdict = f"target (>= the static-batch throughput and a lower p95): {'met' if met else 'NOT met'}"
         lines.append(verdict)
     load = os.getloadavg()
-    lines.append(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; torch threads "
-                 f"{torch.get_num_threads()}")
+    lines.append(f"model {DTYPE} (compute {compute_dtype}); load average at the end: {load[0]:.2f} {load[1]:.2f} "
+                 f"{load[2]:.2f}; torch threads {torch.get_num_threads()}")
     tr = config.pluginmanager.getplugin("terminalreporter")
+    capture = config.pluginmanager.getplugin("capturemanager")
     if tr is not None:
-        tr.write_sep("-", "lvr_engine serving benchmark")
-        for line in lines:
-            tr.write_line(line)
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            tr.write_sep("-", "lvr_engine serving benchmark")
+            for line in lines:
+                tr.write_line(line)
     os.makedirs(os.path.dirname(RESULTS_PATH), exist_ok=True)
     with open(RESULTS_PATH, "w") as f:
-        json.dump(dict(results=RESULTS, agreement=agree, verdict=verdict, load_average=load,
+        json.dump(dict(results=RESULTS, agreement=agree, verdict=verdict, load_average=load, dtype=DTYPE,
+                       compute_dtype=compute_dtype,
                        torch=torch.__version__, threads=torch.get_num_threads()), f, indent=2)
