@@ -29,7 +29,7 @@ def _allow_processor_without_torchvision() -> None:
     from transformers.video_processing_utils import VideoProcessorMixin
 
     if not hasattr(pu.transformers_module, "VideoProcessorMixin"):
-        setattr(pu.transformers_module, "VideoProcessorMixin", VideoProcessorMixin)
+        pu.transformers_module.VideoProcessorMixin = VideoProcessorMixin
 
 
 def _video_stand_in():

@@ -183,7 +183,8 @@ def tiny_qwen2vl_config(family: str = "qwen2_vl", **overrides: Any):
     cfg = cfg_cls(text_config=text, vision_config=vision, **top)
     cfg.initializer_range = init
     # Mirror the token ids at the top level too (generate() and older code read them there).
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = text["bos_token_id"], text["eos_token_id"], text["pad_token_id"]
+    cfg.bos_token_id, cfg.eos_token_id = text["bos_token_id"], text["eos_token_id"]
+    cfg.pad_token_id = text["pad_token_id"]
     if dtype is not None:
         cfg.dtype = _dtype_name(dtype)
         cfg.text_config.dtype = cfg.dtype
