@@ -215,8 +215,7 @@ def test_static_b8(benchmark, setup):
 
 @pytest.fixture(scope="module")
 def http(setup):
-    """The server (uvicorn on a loopback port, this module's engine) and an ``openai`` client for it."""
-    import openai
+    """The server (uvicorn on a loopback port, this module's engine): its base URL."""
     import uvicorn
 
     from lvr_engine.serve import create_app
@@ -228,16 +227,19 @@ def http(setup):
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    yield f"http://127.0.0.1:{port}/v1"
     server.should_exit = True
     thread.join(30)
 
 
-def _server_runner(client, bodies):
-    """run() -> (makespan, latencies, answers): the 64 requests sent at once by 64 client threads."""
+def _server_runner(base_url, bodies):
+    """run() -> (makespan, latencies, answers): the 64 requests sent at once by 64 client threads (a new client per
+    run: no keep-alive connection the server may be closing is reused)."""
+    import openai
+
     extra_keys = ("latent", "ignore_eos", "return_token_ids")
 
-    def one(body, start, gate):
+    def one(client, body, start, gate):
         gate.wait()  # every client is ready: they all send at t=0
         r = client.chat.completions.create(**{k: v for k, v in body.items() if k not in extra_keys},
                                            extra_body={k: body[k] for k in extra_keys})
@@ -246,8 +248,9 @@ def _server_runner(client, bodies):
     def run():
         gate = threading.Barrier(N_REQUESTS + 1)
         start = [0.0]
-        with ThreadPoolExecutor(N_REQUESTS) as pool:
-            futs = [pool.submit(one, b, start, gate) for b in bodies]
+        with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client, \
+                ThreadPoolExecutor(N_REQUESTS) as pool:
+            futs = [pool.submit(one, client, b, start, gate) for b in bodies]
             start[0] = time.perf_counter()
             gate.wait()
             res = [f.result() for f in futs]

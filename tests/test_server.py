@@ -54,8 +54,9 @@ class Server:
         self.engine = engine
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        # keep-alive longer than any pause between tests: the client never reuses a connection the server is closing
         self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning", timeout_keep_alive=300))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
