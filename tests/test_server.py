@@ -206,23 +206,32 @@ def test_32_concurrent_mixed_requests_equal_generate(server):
     assert after["lvr_latent_steps_total"] > before["lvr_latent_steps_total"]
 
 
-def test_cancelled_stream_frees_its_row(server):
-    before = server.metrics()
-    body = _body(5, max_tokens=MAX_LEN - 60, latent={"num_latent_steps": 0}, ignore_eos=True)
-    stream = _create(server, body, stream=True)
-    got = 0
-    for _ in stream:
-        got += 1
-        if got == 3:
-            break
-    stream.close()  # the client goes away mid-stream
+def _wait_cancelled(server, before) -> dict:
+    """Metrics once one more request left the pool cancelled (fails after 20 s)."""
+    key = 'lvr_requests_total{outcome="cancelled"}'
     deadline = time.time() + 20
     while True:
         m = server.metrics()
-        if m['lvr_requests_total{outcome="cancelled"}'] > before['lvr_requests_total{outcome="cancelled"}']:
-            break
+        if m[key] > before[key]:
+            return m
         assert time.time() < deadline, f"the cancelled request did not leave the pool: {m}"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_frees_its_row(server, stream):
+    before = server.metrics()
+    body = _body(5, max_tokens=MAX_LEN - 60, latent={"num_latent_steps": 0}, ignore_eos=True)
+    if stream:
+        chunks = _create(server, body, stream=True)
+        for got, _ in enumerate(chunks):
+            if got == 2:
+                break
+        chunks.close()  # the client goes away mid-stream
+    else:  # the client gives up waiting for the whole answer and closes the connection
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.base + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    m = _wait_cancelled(server, before)
     assert m["lvr_running_rows"] == 0 and m["lvr_queue_length"] == 0
     assert m["lvr_generated_tokens_total"] - before["lvr_generated_tokens_total"] < MAX_LEN - 60
 
