@@ -104,9 +104,12 @@ async def _cancel_on_disconnect(engine: ServingEngine, handle: Handle, request) 
             return
 
 
-def _apply(engine: ServingEngine, handle: Handle, req, tokens: list) -> bool:
-    """Add ``tokens`` to the handle's text; True when a stop string ended the request (text cut before it)."""
+def _apply(engine: ServingEngine, handle: Handle, req, tokens: list, final: bool = True) -> bool:
+    """Add ``tokens`` to the handle's text; True when a stop string ended the request (text cut before it).
+    ``final=False`` (a non-streaming answer without stop strings, not finished yet): keep the ids, decode later."""
     handle.token_ids.extend(tokens)
+    if not (final or req.stop):
+        return False
     text = engine.decode(handle.token_ids)
     if req.stop:
         hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
@@ -120,9 +123,10 @@ def _apply(engine: ServingEngine, handle: Handle, req, tokens: list) -> bool:
 
 
 async def _collect(engine: ServingEngine, handle: Handle, req) -> None:
+    """The whole answer of a non-streaming request (decoded once at the end unless stop strings are watched)."""
     while True:
         up = await handle.queue.get()
-        if _apply(engine, handle, req, up.tokens) or up.finished:
+        if _apply(engine, handle, req, up.tokens, final=up.finished) or up.finished:
             return
 
 
