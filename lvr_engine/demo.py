@@ -23,11 +23,14 @@ Nothing is downloaded. :func:`run_demo`
    - **Mirage**: stage 1 (one teacher-forced pass; the L latent slots hold the helper image's embeddings pooled to
      L, loss ``0.1 * CE + (1 - cos)``), then stage 2 (the slots feed back hidden states, CE only), within the same
      budget; the target is ``<|latent_start|>`` L latents ``<|latent_end|>``, the conclusion, the answer. The vision
-     tower trains in both stages (Mirage freezes it because it starts from a pretrained VLM; this base is random);
+     tower trains in both stages (Mirage freezes it because it starts from a pretrained VLM; this base is random),
+     with stage 1's pooled targets detached (``mirage_detach_targets``: attached, the tower collapses to meet the
+     cosine term and the model never learns to see);
 
-4. evaluates all five on held-out questions on the same engine (:func:`~lvr_engine.evaluation.evaluate`): accuracy
-   with its Wilson 95% interval, mean autoregressive steps (generated tokens up to the end of turn, plus latent
-   steps), milliseconds per question, one after the other in this process;
+4. evaluates all five on held-out questions on the same engine (:func:`~lvr_engine.evaluation.evaluate`), Mirage
+   twice (its own token-triggered inference, and the fixed segment of L latents it was trained on): accuracy with its
+   Wilson 95% interval, mean autoregressive steps (generated tokens up to the end of turn, plus latent steps),
+   milliseconds per question, one after the other in this process;
 5. runs the causal-mediation readout (:func:`~lvr_engine.analysis.mediation.mediation_readout`) on the two latent
    models over all held-out questions: answer flip rates when the latents are zeroed / swapped with another
    question's / (IVT-LR) fed random patches, how much the latents change when the image is swapped for another
@@ -550,17 +553,17 @@ def format_mediation_table(rows: Sequence[dict]) -> str:
     and their mean pairwise cosine across questions (the same reference in brackets)."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     pair = lambda a, b: f"{f(a)} ({f(b)})"  # noqa: E731
-    head1 = f"{'':<30}{'answer flips when the latents are':^43}{'latents when the image is swapped':^34}{'across':>22}"
-    head2 = (f"{'method':<30}{'zeroed':>8}{'swapped (ceiling)':>19}{'random patches':>16}{'rel. L2 (ref)':>17}"
-             f"{'cosine (ref)':>17}{'pairwise cos (ref)':>22}")
+    head1 = f"{'':<28}{'answer flips when the latents are':^40}{'latents, image swapped':^31}{'across questions':>20}"
+    head2 = (f"{'method':<28}{'zeroed':>7}{'swapped (ceiling)':>18}{'random patches':>15}{'rel. L2 (ref)':>16}"
+             f"{'cosine (ref)':>15}{'pairwise cos (ref)':>20}")
     lines = [head1, head2, "-" * len(head2)]
     for r in rows:
         m = r["mediation"]
         fl, im = m["flip_rate"], m["image_swap"]
-        lines.append(f"{r['method']:<30}{f(fl['zero']):>8}{pair(fl['swap'], m['swap_ceiling']):>19}"
-                     f"{f(fl.get('random_patches')):>16}{pair(im['latent_rel_l2'], im['ref_rel_l2']):>17}"
-                     f"{pair(im['latent_cos'], im['ref_cos']):>17}"
-                     f"{pair(m['latent_pairwise_cos'], m['ref_pairwise_cos']):>22}")
+        lines.append(f"{r['method']:<28}{f(fl['zero']):>7}{pair(fl['swap'], m['swap_ceiling']):>18}"
+                     f"{f(fl.get('random_patches')):>15}{pair(im['latent_rel_l2'], im['ref_rel_l2']):>16}"
+                     f"{pair(im['latent_cos'], im['ref_cos']):>15}"
+                     f"{pair(m['latent_pairwise_cos'], m['ref_pairwise_cos']):>20}")
     return "\n".join(lines)
 
 
