@@ -222,7 +222,10 @@ def http(setup):
 
     engine, _ = setup
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    # as `lvr serve` runs it (lvr_engine.serve.app.run): uvicorn on a thread, the scheduler loop on the main thread
+    # (during each run, _server_runner)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, manage_engine=False), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -232,9 +235,10 @@ def http(setup):
     thread.join(30)
 
 
-def _server_runner(base_url, bodies):
+def _server_runner(base_url, bodies, engine):
     """run() -> (makespan, latencies, answers): the 64 requests sent at once by 64 client threads (a new client per
-    run: no keep-alive connection the server may be closing is reused)."""
+    run: no keep-alive connection the server may be closing is reused) while this (the main) thread runs the
+    scheduler loop, as in `lvr serve`."""
     import openai
 
     extra_keys = ("latent", "ignore_eos", "return_token_ids")
@@ -251,8 +255,11 @@ def _server_runner(base_url, bodies):
         with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client, \
                 ThreadPoolExecutor(N_REQUESTS) as pool:
             futs = [pool.submit(one, client, b, start, gate) for b in bodies]
+            for f in futs:
+                f.add_done_callback(lambda _: engine.loop.wake())
             start[0] = time.perf_counter()
             gate.wait()
+            engine.loop.run(until=lambda: all(f.done() for f in futs))
             res = [f.result() for f in futs]
         return max(r[0] for r in res), [r[0] for r in res], [r[1] for r in res]
 
@@ -261,7 +268,7 @@ def _server_runner(base_url, bodies):
 
 def test_server(benchmark, setup, http):
     engine, bodies = setup
-    run = _server_runner(http, bodies)
+    run = _server_runner(http, bodies, engine)
     moves = []
 
     def timed():
@@ -282,7 +289,7 @@ def test_static_vs_server_interleaved(benchmark, setup, http):
     moves between separate benchmarks, a pair sees the same load. The medians of the per-pair ratios decide the
     acceptance check."""
     engine, bodies = setup
-    runs = {"static_b8": _static_runner(engine, bodies)[0], "server": _server_runner(http, bodies)}
+    runs = {"static_b8": _static_runner(engine, bodies)[0], "server": _server_runner(http, bodies, engine)}
     got = {"static_b8": [], "server": []}
     order = [0]
 

@@ -684,7 +684,10 @@ def cmd_serve(args, argv) -> int:
         raise CLIError(str(e)) from None
     print(f"lvr serve: {engine.model_name} on http://{args.host}:{args.port}/v1 ({args.max_batch} rows x "
           f"{args.max_len} positions)", flush=True)
-    run(engine, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        run(engine, host=args.host, port=args.port, log_level=args.log_level)
+    except OSError as e:
+        raise CLIError(str(e)) from None
     return 0
 
 

@@ -314,7 +314,8 @@ def test_stop_strings_and_stop_tokens(server):
 
 
 def test_lvr_serve_command(model_dir):
-    """`lvr serve` end to end: starts, answers through the openai client, reports health and metrics."""
+    """`lvr serve` end to end: starts, answers through the openai client, reports health and metrics, exits cleanly
+    on SIGTERM; a port that is taken is a one-line error."""
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "lvr_engine.cli", "serve", "--model", str(model_dir),
@@ -337,6 +338,19 @@ def test_lvr_serve_command(model_dir):
         r = client.chat.completions.create(**{k: v for k, v in body.items() if k != "return_token_ids"})
         assert r.model == name and r.usage.completion_tokens >= 1 and r.latent["num_latent_steps"] == 2
         assert "lvr_running_rows 0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        proc.terminate()  # SIGTERM: the requests in flight finish, then a clean exit
+        assert proc.wait(30) == 0
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    # a port that is taken: exit status 2 and one line saying so
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "lvr_engine.cli", "serve", "--model", str(model_dir), "--port",
+                              str(busy), "--max-len", "128", "--log-level", "critical"], capture_output=True,
+                             text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr
+    assert f"lvr serve: error: the HTTP server did not start on 127.0.0.1:{busy}" in out.stderr

@@ -603,34 +603,39 @@ def _one_row(name: str, x, dtype) -> torch.Tensor | None:
 
 
 class BackgroundScheduler:
-    """Runs a :class:`Scheduler`'s iterations on a thread of its own while there is work (the server's engine
-    thread). ``submit``/``cancel`` are thread-safe; listeners are called on the engine thread. If an iteration
-    raises, the running requests fail with the error and the pool keeps serving new ones."""
+    """Runs a :class:`Scheduler`'s iterations while there is work: on a thread of its own (:meth:`start`), or on the
+    calling thread (:meth:`run`, what ``lvr serve`` does with the main thread: on CPU, torch's OpenMP parallel
+    regions started from any other thread than the process's first one run 1.3-1.5x slower here, with 2 threads).
+    ``submit``/``cancel`` are thread-safe; listeners are called on the loop's thread. If an iteration raises, the
+    running requests fail with the error and the pool keeps serving new ones."""
 
     def __init__(self, scheduler: Scheduler, rate_window_s: float = 10.0):
         self.scheduler = scheduler
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.error: str | None = None
+        self._running = False
         self._window = rate_window_s
         self._samples: deque = deque()  # (time, generated tokens, latent steps) per iteration
 
     def start(self) -> "BackgroundScheduler":
-        self._thread = threading.Thread(target=self._run, name="lvr-scheduler", daemon=True)
+        """Run the loop on a new thread (returns at once)."""
+        self._thread = threading.Thread(target=self.run, name="lvr-scheduler", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Make the loop return (after the iteration in progress); join the thread :meth:`start` made."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """True while the loop runs (on any thread)."""
+        return self._running
 
     def submit(self, request: Request, listener: Listener | None = None) -> Sequence:
         seq = self.scheduler.submit(request, listener)
@@ -640,6 +645,11 @@ class BackgroundScheduler:
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         self.scheduler.cancel(seq, reason)
+        with self._cv:
+            self._cv.notify_all()
+
+    def wake(self) -> None:
+        """Make an idle loop re-check its ``until`` condition now."""
         with self._cv:
             self._cv.notify_all()
 
@@ -655,20 +665,28 @@ class BackgroundScheduler:
         span = max(now - t0, 1e-6)
         return (st.generated_tokens - g0) / span, (st.latent_steps - l0) / span
 
-    def _run(self) -> None:
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """The loop, on the calling thread: iterate while there is work, wait when there is none; return after
+        :meth:`stop`, or when ``until()`` is true while the pool is idle (checked at least once a second)."""
         sched = self.scheduler
-        while True:
-            with self._cv:
-                while not self._stop and not sched.has_work():
-                    self._cv.wait(timeout=1.0)
-                if self._stop:
-                    return
-            now = time.perf_counter()
-            self._samples.append((now, sched.stats.generated_tokens, sched.stats.latent_steps))
-            while self._samples and self._samples[0][0] < now - 2 * self._window:
-                self._samples.popleft()
-            try:
-                sched.step()
-            except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
-                log.exception("scheduler iteration failed")
-                sched.fail_all(f"{type(e).__name__}: {e}")
+        self._running = True
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not sched.has_work():
+                        if until is not None and until():
+                            return
+                        self._cv.wait(timeout=1.0)
+                    if self._stop:
+                        return
+                now = time.perf_counter()
+                self._samples.append((now, sched.stats.generated_tokens, sched.stats.latent_steps))
+                while self._samples and self._samples[0][0] < now - 2 * self._window:
+                    self._samples.popleft()
+                try:
+                    sched.step()
+                except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
+                    log.exception("scheduler iteration failed")
+                    sched.fail_all(f"{type(e).__name__}: {e}")
+        finally:
+            self._running = False

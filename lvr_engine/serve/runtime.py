@@ -63,7 +63,7 @@ class ServingEngine:
         self.multimodal = generator.adapter.is_multimodal and hasattr(self.processor, "image_processor")
         self.scheduler = Scheduler(generator, max_batch=max_batch, max_len=max_len,
                                    max_prefill_tokens=max_prefill_tokens)
-        self.loop_thread = BackgroundScheduler(self.scheduler)
+        self.loop = BackgroundScheduler(self.scheduler)  # the scheduler's iterations: start() or loop.run()
         self.max_images = int(max_images)
         self.allowed_local = [Path(p).expanduser().resolve() for p in allowed_local_media]
         for p in self.allowed_local:
@@ -97,11 +97,13 @@ class ServingEngine:
 
     # ------------------------------------------------------------------------------------------------------------
     def start(self) -> "ServingEngine":
-        self.loop_thread.start()
+        """Run the scheduler loop on a thread of its own (embedding the app; ``lvr serve`` runs it on the main
+        thread instead: :func:`lvr_engine.serve.app.run`)."""
+        self.loop.start()
         return self
 
     def stop(self) -> None:
-        self.loop_thread.stop()
+        self.loop.stop()
 
     @property
     def latent_config(self) -> LatentConfig:
@@ -184,7 +186,7 @@ class ServingEngine:
                 pass
 
         try:
-            seq = self.loop_thread.submit(request, listener)
+            seq = self.loop.submit(request, listener)
         except (ValueError, TypeError) as e:
             raise bad(str(e)) from None
         return Handle(seq, queue)
@@ -202,7 +204,7 @@ class ServingEngine:
         return max(1, min(self.default_max_tokens, self.scheduler.max_len - seq.prompt_tokens - latent))
 
     def cancel(self, handle: Handle, reason: str = "cancelled") -> None:
-        self.loop_thread.cancel(handle.seq, reason)
+        self.loop.cancel(handle.seq, reason)
 
     def decode(self, tokens: list) -> str:
         with self._tok_lock:
