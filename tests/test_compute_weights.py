@@ -88,23 +88,66 @@ def test_fp32_vision_copy_follows_weight_updates():
     assert not torch.allclose(torch.cat(before), torch.cat(after))
 
 
-# The policy, written out: (model dtype, device type) -> compute dtype. (The parameter is not called `device`:
-# tests/conftest.py marks device="cuda" cases as needing a GPU, and these only name the type.)
+# The policy, written out: (model dtype, device type, CPU has native bf16) -> compute dtype. (The parameter is not
+# called `device`: tests/conftest.py marks device="cuda" cases as needing a GPU, and these only name the type.)
 POLICY = [
-    (torch.float32, "cpu", torch.float32), (torch.bfloat16, "cpu", torch.float32),
-    (torch.float16, "cpu", torch.float32), (torch.bfloat16, "cuda", torch.bfloat16),
-    (torch.float16, "cuda", torch.float16), (torch.float32, "cuda", torch.float32),
+    (torch.float32, "cpu", False, torch.float32), (torch.float32, "cpu", True, torch.float32),
+    (torch.bfloat16, "cpu", False, torch.float32), (torch.bfloat16, "cpu", True, torch.bfloat16),
+    (torch.float16, "cpu", False, torch.float32), (torch.float16, "cpu", True, torch.float16),
+    (torch.bfloat16, "cuda", False, torch.bfloat16), (torch.float16, "cuda", False, torch.float16),
 ]
 
 
-@pytest.mark.parametrize("model_dtype,device_type,want", POLICY)
-def test_auto_compute_dtype_policy(model_dtype, device_type, want):
-    """Half-precision models compute in fp32 on any CPU (packed bf16 panels), in their own dtype on a GPU; fp32
-    models in fp32. The generator's compute_dtype="auto" follows it on CPU."""
+@pytest.mark.parametrize("model_dtype,device_type,native,want", POLICY)
+def test_auto_compute_dtype_policy(model_dtype, device_type, native, want, monkeypatch):
+    """Half-precision models compute in fp32 on CPUs without native bf16 arithmetic, in their own dtype
+    elsewhere; fp32 models in fp32. The generator's compute_dtype="auto" follows it on CPU."""
+    import lvr_engine.engine.weights as weights_mod
+
+    monkeypatch.setattr(weights_mod, "cpu_has_native_bf16", lambda: native)
     assert auto_compute_dtype(model_dtype, torch.device(device_type)) == want
     if device_type == "cpu" and model_dtype != torch.float16:
         gen = LatentGenerator(tiny_vlm(seed=11, dtype=model_dtype), LatentConfig(num_latent_steps=0))
         assert gen.runner.compute_dtype == want
+
+
+def _flag_words(cpuinfo: str) -> set[str]:
+    """The words of /proc/cpuinfo's ``flags`` lines."""
+    out: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            out |= set(value.split())
+    return out
+
+
+@pytest.mark.parametrize("flags,native", [
+    ("fpu sse2 avx2 fma avx512f avx512bw avx512_vnni", False),  # AVX-512 without its bf16 extension
+    ("fpu sse2 avx2 avx512f avx512_bf16", True),
+    ("fpu sse2 avx2 amx_tile amx_bf16", True),
+])
+def test_native_bf16_detection(flags, native, monkeypatch):
+    """cpu_has_native_bf16 on given /proc/cpuinfo texts, and on this machine's against its own flag list."""
+    import io
+
+    import lvr_engine.engine.weights as weights_mod
+
+    text = f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    real_open = open
+    monkeypatch.setattr(weights_mod, "open", lambda path, *a, **k: io.StringIO(text) if path == "/proc/cpuinfo"
+                        else real_open(path, *a, **k), raising=False)
+    weights_mod.cpu_has_native_bf16.cache_clear()
+    try:
+        assert weights_mod.cpu_has_native_bf16() is native
+    finally:
+        monkeypatch.undo()
+        weights_mod.cpu_has_native_bf16.cache_clear()
+    try:
+        with open("/proc/cpuinfo") as f:
+            here = _flag_words(f.read())
+    except OSError:
+        return
+    assert weights_mod.cpu_has_native_bf16() == bool(here & {"avx512_bf16", "amx_bf16"})
 
 
 @pytest.mark.parametrize("conv_cls,kernel", [(torch.nn.Conv3d, (2, 14, 14)), (torch.nn.Conv2d, (4, 4))])

@@ -58,9 +58,9 @@ class LatentGenerator:
     ``processor`` (or a tokenizer) is only needed to resolve token names in ``config``;
     ``runner``: "lean" (our decoder loop over the weights), "hf" (the model's own layer modules with our
     cache and ops) or "auto" (lean where the family has it).
-    ``compute_dtype``: "auto" computes in the model's dtype, except fp32 for a bf16/fp16 model on a CPU
-    (engine/weights.py auto_compute_dtype says why, also for CPUs with native bf16); the lean runner then
-    multiplies by the bf16 weights packed in panels (ops.mixed_linear), with no fp32 copy.
+    ``compute_dtype``: "auto" computes in the model's dtype, except fp32 for a bf16/fp16 model on a CPU without
+    native bf16 arithmetic (AVX2-only CPUs emulate bf16 matmuls several times slower than fp32); the lean
+    runner then multiplies by the bf16 weights packed in panels (ops.mixed_linear), with no fp32 copy.
     """
 
     def __init__(self, model, config: LatentConfig | None = None, processor=None, runner: str = "auto",

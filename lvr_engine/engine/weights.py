@@ -2,12 +2,13 @@
 
 In the model's own dtype the QKV and gate/up projections are fused by concatenation and the HF parameters
 are re-pointed to views of the fused tensors, so there is still one copy of every weight. In another compute
-dtype (fp32 for a bf16 model on a CPU: see auto_compute_dtype; without native bf16 the matmuls are emulated and several
+dtype (fp32 for a bf16 model on a CPU without native bf16, where bf16 matmuls are emulated and several
 times slower) the runner holds a converted copy. The cache is validated on every forward by each
 parameter's storage pointer and version counter, so ``model.to(...)`` or an optimizer step is picked up.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -63,14 +64,21 @@ class ComputeWeights:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def auto_compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The model's dtype, except fp32 for half-precision models on a CPU (from packed bf16 panels, no fp32 copy).
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise torch emulates it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        cap = torch.backends.cpu.get_cpu_capability().upper()
+        return "BF16" in cap or "AMX" in cap
 
-    Also on CPUs with native bf16 (AVX512-BF16): measured on such a 2-vCPU EPYC, torch's bf16 GEMV (a decode step)
-    ran ~17x slower than fp32 and a batch-8 question ~10x slower than batch 1, bf16 results depended on the rows
-    batched together (a row's answer changed with its batch), and the peak memory grew 1.5x (oneDNN reorders);
-    ``compute_dtype=torch.bfloat16`` still asks for native bf16."""
-    if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
+
+def auto_compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The model's dtype, except fp32 for half-precision models on CPUs without native bf16 arithmetic."""
+    if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
         return torch.float32
     return model_dtype
 
