@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.base import ModelAdapter
+from ..models.base import ModelAdapter, require_tensor
 
 
 @dataclass
@@ -24,15 +24,6 @@ class PromptBatch:
     image_counts: list[int]      # image tokens per row
     images_per_row: list[int]    # images per row
     mask: torch.Tensor           # (B, S_in) int64 attended tokens of the caller's layout (after placeholders)
-
-
-def _require_tensor(name, x, ndim=None, dtypes=None):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
-    if dtypes is not None and x.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
 
 
 def as_tensor(name, x):
@@ -120,9 +111,9 @@ def consume_placeholders(input_ids: torch.Tensor, attention_mask, placeholder_id
     same request as the prompt without both: the marker is fed after the latent segment, as the config's end marker.
     Returns the attention mask (B, S) with each row's consumed tokens masked out; a row that ends with some other
     number of placeholders is a ValueError. input_ids (B, S); attention_mask (B, S) or None (all attended)."""
-    _require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
+    require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).clone()
-    _require_tensor("attention_mask", mask, 2)
+    require_tensor("attention_mask", mask, 2)
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     for b in range(input_ids.shape[0]):
@@ -153,7 +144,7 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    _require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
+    require_tensor("input_ids", input_ids, 2, (torch.int64, torch.int32))
     B, S = input_ids.shape
     if B == 0 or S == 0:
         raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
@@ -165,7 +156,7 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
                          f"(vocabulary size {vocab}); {int(bad.sum())} position(s) out of range, padding included")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _require_tensor("attention_mask", attention_mask, 2)
+    require_tensor("attention_mask", attention_mask, 2)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
@@ -180,7 +171,7 @@ def validate_and_layout(adapter: ModelAdapter, input_ids, attention_mask, pixel_
     if not contiguous.all():
         raise ValueError("attention_mask must be one contiguous run of 1s per row (left or right padding)")
     if mm_token_type_ids is not None:
-        _require_tensor("mm_token_type_ids", mm_token_type_ids, 2)
+        require_tensor("mm_token_type_ids", mm_token_type_ids, 2)
         if mm_token_type_ids.shape != input_ids.shape:
             raise ValueError(f"mm_token_type_ids shape {tuple(mm_token_type_ids.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")

@@ -94,7 +94,7 @@ class ModelAdapter(abc.ABC):
         ValueError/TypeError naming the problem."""
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        _require_tensor("image_grid_thw", image_grid_thw, 2, (torch.int64, torch.int32))
+        require_tensor("image_grid_thw", image_grid_thw, 2, (torch.int64, torch.int32))
         if image_grid_thw.shape[1] != 3:
             raise ValueError(f"image_grid_thw must be (num_images, 3), got {tuple(image_grid_thw.shape)}")
         m = self.spatial_merge_size
@@ -103,7 +103,7 @@ class ModelAdapter(abc.ABC):
             i = int(torch.nonzero(odd)[0])
             raise ValueError(f"image_grid_thw[{i}] = {image_grid_thw[i].tolist()}: every entry must be positive and "
                              f"the height and width multiples of the spatial merge size {m}")
-        _require_tensor("pixel_values", pixel_values, 2)
+        require_tensor("pixel_values", pixel_values, 2)
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
         if self.patch_dim is not None and pixel_values.shape[1] != self.patch_dim:
@@ -160,7 +160,8 @@ class ModelAdapter(abc.ABC):
         return getattr(self.config, "text_config", self.config)
 
 
-def _require_tensor(name, x, ndim=None, dtypes=None):
+def require_tensor(name, x, ndim=None, dtypes=None):
+    """A TypeError/ValueError naming ``name`` unless x is a tensor of ``ndim`` dims with a dtype in ``dtypes``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.ndim != ndim:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DecoderWeights, ModelAdapter, _require_finite, _require_tensor
+from .base import DecoderWeights, ModelAdapter, _require_finite, require_tensor
 from .text_models import text_decoder_weights
 
 __all__ = ["ChameleonAdapter", "VQ_GROUP_IMAGES", "QK_NORM_EPS"]
@@ -73,7 +73,7 @@ class ChameleonAdapter(ModelAdapter):
         if image_grid_thw is not None:
             raise ValueError("image_grid_thw given to a Chameleon model: its images are whole (channels, H, W) "
                              "arrays in pixel_values, as its processor returns them; pass image_grid_thw=None")
-        _require_tensor("pixel_values", pixel_values, 4)
+        require_tensor("pixel_values", pixel_values, 4)
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
         n, c, h, w = (int(x) for x in pixel_values.shape)
