@@ -16,7 +16,7 @@ from .cuda_graphs import GraphedSteps, Workspace, _round_up, bucket_for
 from .hf_runner import HFModuleRunner
 from .inputs import as_tensor, check_capacity, consume_placeholders, token_ids, validate_and_layout
 from .kv_cache import StaticKVCache
-from .latent_step import begin_segment, run_latent_steps
+from .latent_step import begin_segment, mirage_switch, run_latent_steps
 from .prompt import next_positions, prepare_prompt
 from .runner import DecoderRunner
 from .sampler import Sampler, SamplingParams
@@ -303,18 +303,12 @@ class LatentGenerator:
         out = []
         logits = self.runner.logits(h_last, weights)
         for t in range(max_new_tokens):
-            tok = sampler(logits)
             live_latent = latent & ~finished
-            end_now = live_latent & ((tok == cfg.latent_end_id) | (count >= cfg.max_latent_steps))
-            feed_hidden = live_latent & ~end_now
-            tok = torch.where(feed_hidden, full(cfg.latent_pad_id), torch.where(end_now, full(cfg.latent_end_id), tok))
-            tok = torch.where(finished, full(pad_id), tok)
-            enter = ~latent & ~finished & (tok == cfg.latent_start_id)
+            tok, feed_hidden, latent, count = mirage_switch(cfg, sampler(logits), live_latent, count)
+            tok = torch.where(finished, full(pad_id), tok)  # finished rows' state no longer matters
             stats.new_tokens += int((~finished).sum())
             out.append(tok)
             finished |= ~live_latent & torch.isin(tok, eos_t)
-            count = torch.where(feed_hidden, count + 1, torch.where(enter, torch.zeros_like(count), count))
-            latent = (latent & feed_hidden) | enter
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
             x = torch.where(feed_hidden[:, None], h_last, self.runner.embed(tok))

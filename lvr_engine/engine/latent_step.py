@@ -142,3 +142,21 @@ def run_latent_steps(seg: LatentSegment, h_last: torch.Tensor, forward: Forward,
         out = forward(segment_chunk(seg, block, last, tail), seg.k > 0 and not last, last)
         h_last = out[:, -1]
     return out, fed_hidden
+
+
+def mirage_switch(cfg, tok: torch.Tensor, latent: torch.Tensor, count: torch.Tensor):
+    """One decoding step of Mirage's per-row switching (docs/semantics.md, ``trigger="token"``), for generate and
+    the continuous-batching scheduler alike. tok (B,) the sampled ids; latent (B,) bool: the row is inside a latent
+    segment; count (B,) int64: latent steps fed in that segment. A row inside a segment ends it when it samples
+    ``latent_end_id`` or reaches ``max_latent_steps`` (``latent_end_id`` is then fed), else feeds back its hidden
+    state (shown as ``latent_pad_id``); a row outside enters one when it samples ``latent_start_id``.
+    Returns (tok shown (B,), feed_hidden (B,) bool, latent after (B,), count after (B,))."""
+    def full(v):
+        return torch.full_like(tok, v)
+
+    end_now = latent & ((tok == cfg.latent_end_id) | (count >= cfg.max_latent_steps))
+    feed = latent & ~end_now
+    tok = torch.where(feed, full(cfg.latent_pad_id), torch.where(end_now, full(cfg.latent_end_id), tok))
+    enter = ~latent & (tok == cfg.latent_start_id)
+    count = torch.where(feed, count + 1, torch.where(enter, torch.zeros_like(count), count))
+    return tok, feed, feed | enter, count

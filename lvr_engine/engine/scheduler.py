@@ -54,7 +54,7 @@ import torch
 
 from .inputs import as_tensor, consume_placeholders, int_value, validate_and_layout
 from .kv_cache import StaticKVCache
-from .latent_step import begin_segment, latent_block, segment_chunk
+from .latent_step import begin_segment, latent_block, mirage_switch, segment_chunk
 from .prompt import PreparedPrompt, next_positions, prepare_prompt
 from .sampler import Sampler, SamplingParams
 
@@ -358,21 +358,20 @@ class Scheduler:
         cfg = self.config
         now = time.perf_counter()
         cont_rows, cont_toks, cont_feed = [], [], []
-        for s, tok in zip(pend, toks, strict=True):
+        if not self.prompt_trigger:  # Mirage (docs/semantics.md): the rows' switching, as generate's
+            was = [s.mirage_latent for s in pend]
+            shown, feeds, lat, cnt = (t.tolist() for t in mirage_switch(
+                cfg, torch.tensor(toks), torch.tensor(was), torch.tensor([s.mirage_count for s in pend])))
+        for i, (s, tok) in enumerate(zip(pend, toks, strict=True)):
             s.pending = False
             feed = False
             if self.prompt_trigger:
                 first = not s.tokens
                 stop = tok in s.eos and not (first and cfg.ignore_first_eos)  # official IVT-LR: no first-token check
-            else:  # Mirage (docs/semantics.md): per-row switching, as generate's token-trigger decoding
-                live = s.mirage_latent
-                end_now = live and (tok == cfg.latent_end_id or s.mirage_count >= cfg.max_latent_steps)
-                feed = live and not end_now
-                tok = cfg.latent_pad_id if feed else (cfg.latent_end_id if end_now else tok)
-                enter = not live and tok == cfg.latent_start_id
-                stop = not live and tok in s.eos
-                s.mirage_count = s.mirage_count + 1 if feed else (0 if enter else s.mirage_count)
-                s.mirage_latent = feed or enter
+            else:
+                tok, feed = shown[i], feeds[i]
+                stop = not was[i] and tok in s.eos
+                s.mirage_latent, s.mirage_count = lat[i], cnt[i]
                 self.stats.latent_steps += int(feed)
             s.tokens.append(tok)
             if s.first_token_at is None:
