@@ -28,6 +28,24 @@ def _round_prob(p, PROB_ROUND: tl.constexpr):
 
 
 @triton.jit
+def _add_image_scores(SCORES, SLOTS, k_base, q, m_row, l_row, b, ssb, ssi, scb, sci, sks, offs_d, dmask, I, L,
+                      BLOCK_I: tl.constexpr, PROB_ROUND: tl.constexpr):
+    """scores[b, i] += round(exp(q . k[slots[b, i]] - m_row) / l_row) for every image token i of row b whose slot
+    is in [0, L): one query's probabilities (q (BLOCK_D,) already scaled; m_row/l_row its softmax max and sum)."""
+    offs_i = tl.arange(0, BLOCK_I)
+    for i0 in range(0, I, BLOCK_I):
+        ii = i0 + offs_i
+        imask = ii < I
+        slot = tl.load(SLOTS + b * ssb + ii * ssi, mask=imask, other=-1).to(tl.int64)
+        valid = imask & (slot >= 0) & (slot < L)
+        kk = tl.load(k_base + slot[:, None] * sks + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        logit = tl.sum(kk * q[None, :], axis=1)
+        p = _round_prob(tl.exp(logit - m_row) / l_row, PROB_ROUND)
+        tl.atomic_add(SCORES + b * scb + ii * sci, p, mask=valid)
+
+
+@triton.jit
 def _image_scores_kernel(
     Q, K, LENS, SLOTS, SCORES, LSE, scale,
     sqb, sqh, skb, skh, sks, ssb, ssi, scb, sci, slb, slh,
@@ -66,17 +84,8 @@ def _image_scores_kernel(
             m = m_new
         m_row = tl.max(m, axis=0)
         l_row = tl.sum(l * tl.exp(m - m_row), axis=0)
-    offs_i = tl.arange(0, BLOCK_I)
-    for i0 in range(0, I, BLOCK_I):
-        ii = i0 + offs_i
-        imask = ii < I
-        slot = tl.load(SLOTS + b * ssb + ii * ssi, mask=imask, other=-1).to(tl.int64)
-        valid = imask & (slot >= 0) & (slot < L)
-        kk = tl.load(k_base + slot[:, None] * sks + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
-        logit = tl.sum(kk * q[None, :], axis=1)
-        p = _round_prob(tl.exp(logit - m_row) / l_row, PROB_ROUND)
-        tl.atomic_add(SCORES + b * scb + ii * sci, p, mask=valid)
+    _add_image_scores(SCORES, SLOTS, k_base, q, m_row, l_row, b, ssb, ssi, scb, sci, sks, offs_d, dmask, I, L,
+                      BLOCK_I, PROB_ROUND)
 
 
 @triton.jit
@@ -142,17 +151,8 @@ def _chunk_attention_kernel(
             m_last = tl.sum(tl.where(is_last, m, 0.0), axis=0)
             l_last = tl.sum(tl.where(is_last, l, 0.0), axis=0)
             q_last = tl.sum(tl.where(is_last[:, None], q, 0.0), axis=0)
-            offs_i = tl.arange(0, BLOCK_I)
-            for i0 in range(0, I, BLOCK_I):
-                ii = i0 + offs_i
-                imask = ii < I
-                slot = tl.load(SLOTS + b * ssb + ii * ssi, mask=imask, other=-1).to(tl.int64)
-                valid = imask & (slot >= 0) & (slot < L)
-                kk = tl.load(k_base + slot[:, None] * sks + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                             other=0.0).to(tl.float32)
-                logit = tl.sum(kk * q_last[None, :], axis=1)
-                p_img = _round_prob(tl.exp(logit - m_last) / l_last, PROB_ROUND)
-                tl.atomic_add(SCORES + b * scb + ii * sci, p_img, mask=valid)
+            _add_image_scores(SCORES, SLOTS, k_base, q_last, m_last, l_last, b, ssb, ssi, scb, sci, sks, offs_d,
+                              dmask, I, L, BLOCK_I, PROB_ROUND)
 
 
 @triton.jit
