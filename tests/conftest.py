@@ -33,3 +33,13 @@ def vlm_qwen2():
 def vlm_qwen25():
     from tiny_models import tiny_vlm
     return tiny_vlm("qwen2_5_vl", seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread is fastest, and robust to other jobs on a 2-core machine (modules use it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,12 +29,7 @@ TRAIN = ["--template", "ivtlr_chameleon", "--max-stage", "1", "--epochs-per-stag
          "--num-selected-patches", "4", "--batch-size", "2", "--lr", "1e-3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from fixtures_datasets import write_m3cot_fixture, write_scienceqa_fixture
 from lvr_engine.cli import main
@@ -18,12 +17,7 @@ REPORT = re.compile(r"^(\w+) (\w+): evaluated (\d+) of (\d+) questions(?:; skipp
 ACCURACY = re.compile(r"accuracy: [\d.]+ \((\d+)/(\d+)\)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -16,13 +16,7 @@ from lvr_engine.models.loading import load_processor_or_tokenizer
 from lvr_engine.training import trainer as trainer_mod
 from mirage_fixtures import write_vsp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _log(out: Path) -> list[dict]:
