@@ -30,20 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from official_ivtlr import OfficialResult, cuda_topk_unsorted
-
-
-def _forward(model, embeds, want_attentions):
-    """One full forward of one row's embedding sequence (S, h) at positions 0..S-1, attention mask all ones."""
-    S = embeds.shape[0]
-    return model(
-        inputs_embeds=embeds[None],
-        attention_mask=torch.ones(1, S, dtype=torch.long, device=embeds.device),
-        position_ids=torch.arange(S, device=embeds.device)[None],
-        output_attentions=want_attentions,
-        output_hidden_states=want_attentions,
-        use_cache=False,
-    )
+from official_ivtlr import OfficialResult, _forward, cuda_topk_unsorted
 
 
 @torch.no_grad()
