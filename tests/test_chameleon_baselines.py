@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks.chameleon_baselines import cached_eager_chameleon_generate, published_chameleon_generate
 from official_ivtlr_chameleon import official_chameleon_generate
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("seed", [0, 1])

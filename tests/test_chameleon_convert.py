@@ -33,12 +33,7 @@ TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, image_siz
             initializer_range=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,7 @@ def to_451(key: str) -> str:
     return key.replace("base_model.model.model.visual.", "base_model.model.visual.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -41,14 +41,7 @@ QUESTIONS = [
 
 
 # -- fixtures: the tiny tokenizer / processors / models -------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, which on a loaded 2-core
-    machine made the module 20-100x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
